@@ -1,0 +1,215 @@
+"""What one node should do next, decided from one snapshot. Pure: no I/O, no clock.
+
+The agent calls ``decide`` after every store change and after every operation it
+finishes, and carries out the decisions for packages that are not busy. Safety
+does not rest on this function: a start happens only after the owner key was
+created (create-if-absent, bound to the node lease), so two nodes that both
+decide to start a package cannot both run it.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from vigil.config import PackageSpec
+from vigil.model import AdminRecord, HaltReason, PackageState, PackageStatus, StartReason
+from vigil.snapshot import Snapshot
+
+
+class Verb(enum.StrEnum):
+    START = "start"
+    HALT = "halt"
+    CLEAR = "clear"  # reset failed / halt_failed held by this node, release the owner key
+    RELEASE = "release"  # a halted package held by this node: give the owner key back
+    MAINTENANCE_ON = "maintenance_on"
+    MAINTENANCE_OFF = "maintenance_off"
+    WAIT = "wait"  # would start here, but an `up` dependency is not met yet
+
+
+@dataclass(frozen=True)
+class Decision:
+    package: str
+    verb: Verb
+    reason: str
+    start_reason: StartReason | None = None
+    halt_reason: HaltReason | None = None
+
+
+@dataclass(frozen=True)
+class LocalPackage:
+    """What the agent itself knows about a package it holds."""
+
+    state: PackageState
+    maintenance: bool
+    cleared_generation: int
+
+
+def node_order(spec: PackageSpec, snapshot: Snapshot) -> list[str]:
+    """The package's node preference list with ``*`` expanded (every known node, by name)."""
+    known = set(snapshot.nodes)
+    if snapshot.cluster and snapshot.cluster.nodes:
+        known |= set(snapshot.cluster.nodes)
+    order: list[str] = []
+    for entry in spec.nodes:
+        names = sorted(known) if entry == "*" else [entry]
+        order.extend(n for n in names if n not in order)
+    return order
+
+
+def eligible_nodes(
+    spec: PackageSpec, admin: AdminRecord, snapshot: Snapshot, exclude: str | None = None
+) -> list[str]:
+    """Up nodes, in preference order, where the package may run (node switching on)."""
+    return [
+        n
+        for n in node_order(spec, snapshot)
+        if n in snapshot.nodes and n not in admin.disabled_nodes and n != exclude
+    ]
+
+
+def _running_on(snapshot: Snapshot, pkg: str) -> str | None:
+    st = snapshot.status.get(pkg)
+    owner = snapshot.owners.get(pkg)
+    if st and owner and st.state == PackageState.RUNNING and st.node == owner:
+        return owner
+    return None
+
+
+def _unmet_dependency(spec: PackageSpec, node: str, snapshot: Snapshot) -> str | None:
+    for dep in spec.dependency:
+        where = _running_on(snapshot, dep.package)
+        if dep.condition == "up":
+            ok = where is not None and (
+                dep.location == "any_node"
+                or (dep.location == "same_node" and where == node)
+                or (dep.location == "different_node" and where != node)
+            )
+        else:
+            ok = where is None or (
+                (dep.location == "same_node" and where != node)
+                or (dep.location == "different_node" and where == node)
+            )
+        if not ok:
+            return f"dependency {dep.package} {dep.condition} on {dep.location.replace('_', ' ')}"
+    return None
+
+
+def _pick_node(spec: PackageSpec, nodes: list[str], snapshot: Snapshot) -> str:
+    if spec.failover_policy == "min_package_node":
+        load = {n: 0 for n in nodes}
+        for owner in snapshot.owners.values():
+            if owner in load:
+                load[owner] += 1
+        return min(nodes, key=lambda n: (load[n], nodes.index(n)))
+    return nodes[0]
+
+
+def start_reason(status: PackageStatus, node: str) -> StartReason:
+    if status.node is None:
+        return StartReason.BOOT
+    if status.node != node:
+        return StartReason.FAILOVER
+    if status.halt_reason == HaltReason.USER_HALT:
+        return StartReason.USER
+    return StartReason.BOOT
+
+
+def _decide_held(
+    pkg: str, local: LocalPackage, snapshot: Snapshot, admin: AdminRecord
+) -> Decision | None:
+    if local.state in (PackageState.STARTING, PackageState.HALTING):
+        return None
+    if local.state in (PackageState.FAILED, PackageState.HALT_FAILED):
+        if admin.clear_generation > local.cleared_generation:
+            return Decision(pkg, Verb.CLEAR, "cleared by an operator")
+        return None
+    if local.state == PackageState.HALTED:
+        return Decision(pkg, Verb.RELEASE, "halted")
+    if pkg not in snapshot.packages:
+        return Decision(
+            pkg, Verb.HALT, "removed from the configuration", halt_reason=HaltReason.USER_HALT
+        )
+    if admin.halt_requested:
+        return Decision(pkg, Verb.HALT, "halt requested", halt_reason=HaltReason.USER_HALT)
+    if admin.maintenance and not local.maintenance:
+        return Decision(pkg, Verb.MAINTENANCE_ON, "maintenance requested")
+    if not admin.maintenance and local.maintenance:
+        return Decision(pkg, Verb.MAINTENANCE_OFF, "maintenance ended")
+    return None
+
+
+def _decide_free(pkg: str, node: str, snapshot: Snapshot, admin: AdminRecord) -> Decision | None:
+    spec = snapshot.packages.get(pkg)
+    if spec is None or pkg in snapshot.owners:
+        return None
+    status = snapshot.status_of(pkg)
+    if status.state in (PackageState.FAILED, PackageState.HALT_FAILED):
+        return None
+    if not admin.auto_run or admin.maintenance or admin.halt_requested:
+        return None
+    cluster = snapshot.cluster
+    if (
+        cluster is not None
+        and cluster.failover == "off"
+        and status.node is not None
+        and status.node != node
+        and status.halt_reason != HaltReason.USER_HALT
+    ):
+        return None
+    nodes = eligible_nodes(spec, admin, snapshot)
+    if admin.start_node is not None:
+        nodes = [n for n in nodes if n == admin.start_node]
+    if not nodes or _pick_node(spec, nodes, snapshot) != node:
+        return None
+    unmet = _unmet_dependency(spec, node, snapshot)
+    if unmet:
+        return Decision(pkg, Verb.WAIT, f"waiting for {unmet}")
+    reason = start_reason(status, node)
+    return Decision(pkg, Verb.START, f"{reason.value} on {node}", start_reason=reason)
+
+
+def decide(snapshot: Snapshot, node: str, local: Mapping[str, LocalPackage]) -> list[Decision]:
+    """Every action ``node`` should take now, one per package at most, with its reason."""
+    out: list[Decision] = []
+    for pkg in sorted(set(snapshot.packages) | set(local)):
+        admin = snapshot.admin_of(pkg)
+        held = local.get(pkg)
+        d = (
+            _decide_held(pkg, held, snapshot, admin)
+            if held is not None
+            else _decide_free(pkg, node, snapshot, admin)
+        )
+        if d is not None:
+            out.append(d)
+    return out
+
+
+@dataclass(frozen=True)
+class AfterFailure:
+    state: PackageState
+    admin: AdminRecord
+    reason: str
+
+
+def after_start_failure(
+    spec: PackageSpec, admin: AdminRecord, snapshot: Snapshot, node: str, failover: bool
+) -> AfterFailure:
+    """Where a package goes after it failed on ``node`` (CONCEPTS §3 exit-code table).
+
+    ``failover=False`` (start exit 1, timeout): global switching off, ``failed``.
+    ``failover=True`` (start exit 2, service budget spent, monitor): node switching for
+    ``node`` off (ping-pong protection), then ``halted`` for another node to take it,
+    or ``failed`` if no other node is eligible.
+    """
+    if not failover:
+        new = admin.model_copy(update={"auto_run": False, "start_node": None})
+        return AfterFailure(PackageState.FAILED, new, "global switching turned off")
+    disabled = tuple(sorted({*admin.disabled_nodes, node}))
+    new = admin.model_copy(update={"disabled_nodes": disabled, "start_node": None})
+    cluster_off = snapshot.cluster is not None and snapshot.cluster.failover == "off"
+    others = [] if cluster_off else eligible_nodes(spec, new, snapshot, exclude=node)
+    if others and new.auto_run:
+        return AfterFailure(PackageState.HALTED, new, f"failing over; next node {others[0]}")
+    return AfterFailure(PackageState.FAILED, new, "no other eligible node")

@@ -1,0 +1,696 @@
+"""The agent of one node: lease, watch, reconcile, and the packages it holds.
+
+Loop: every store change (and every finished operation) triggers one reconcile:
+read one snapshot → ``decide`` (pure) → carry out the decisions for packages that
+are not busy. Each decision is logged as one line with its reason.
+
+Safety rules kept here:
+- a package is started only after this node created its owner key, bound to the
+  node lease, in a transaction requiring the key to be absent;
+- every status write is fenced on the owner key's revision: losing the key
+  (lease expired) means losing the right to write, and the package is killed;
+- if the lease cannot be renewed before it could expire elsewhere, the node kills
+  every package process (self-fencing) and rejoins when the store is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vigil.agent.decide import (
+    Decision,
+    LocalPackage,
+    Verb,
+    after_start_failure,
+    decide,
+)
+from vigil.agent.package import Context, Outcome, PackageRunner
+from vigil.config import ClusterSpec, PackageSpec
+from vigil.errors import Compacted, LeaseNotFound, StoreError, UsageError
+from vigil.keys import Keys
+from vigil.model import (
+    AdminRecord,
+    Event,
+    HaltReason,
+    MonitorStatus,
+    NodeRecord,
+    PackageState,
+    PackageStatus,
+    StartReason,
+)
+from vigil.snapshot import Snapshot, encode, read_snapshot
+from vigil.store import Compare, Delete, Op, Put, Store
+from vigil.supervise.monitor import MonitorVerdict
+from vigil.supervise.sentinel import ProcessRegistry, cleanup_leftovers
+
+log = logging.getLogger("vigil.agent")
+
+EVENTS_KEPT = 2000
+STATUS_FLUSH_INTERVAL = 0.05
+
+
+@dataclass
+class Held:
+    """A package this node holds (its owner key is ours)."""
+
+    spec: PackageSpec
+    runner: PackageRunner
+    owner_rev: int
+    state: PackageState
+    start_reason: StartReason
+    previous_node: str | None
+    halt_reason: HaltReason | None = None
+    message: str = ""
+    maintenance: bool = False
+    cleared_generation: int = 0
+    degraded: bool = False
+    since: float = field(default_factory=time.time)
+    monitors: dict[str, MonitorStatus] = field(default_factory=dict)
+    package_restarts: list[float] = field(default_factory=list)
+    busy: asyncio.Task[None] | None = None
+
+    def local(self) -> LocalPackage:
+        return LocalPackage(self.state, self.maintenance, self.cleared_generation)
+
+
+class Fenced(Exception):
+    """This node lost its lease: every package was killed."""
+
+
+class Agent:
+    def __init__(
+        self,
+        store: Store,
+        cluster: ClusterSpec,
+        node: str,
+        *,
+        state_dir: Path,
+        config_dir: str | None = None,
+    ) -> None:
+        self.store = store
+        self.cluster = cluster
+        self.node = node
+        self.keys = Keys(cluster.name)
+        self.state_dir = state_dir
+        self.config_dir = config_dir
+        self.log_dir = state_dir / "log"
+        self.registry: ProcessRegistry | None = None
+        self.lease = 0
+        self.held: dict[str, Held] = {}
+        self.snapshot: Snapshot | None = None
+        self._trigger = asyncio.Event()
+        self._dirty: set[str] = set()
+        self._dirty_event = asyncio.Event()
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._stopping = False
+        self._fenced = asyncio.Event()
+        self._events_written = 0
+        self._last_event_ns = 0
+        self.left_cluster = False  # set by fence_node: the agent exits instead of rejoining
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def run(self, stop: asyncio.Event) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        state_file = self.state_dir / "processes.json"
+        killed = cleanup_leftovers(state_file)
+        if killed:
+            log.warning("killed %d leftover process group(s) of a previous agent", len(killed))
+        self.registry = ProcessRegistry.start(state_file)
+        try:
+            while not stop.is_set():
+                await self._join()
+                self._fenced.clear()
+                self._tasks = [
+                    asyncio.create_task(self._keepalive(), name="keepalive"),
+                    asyncio.create_task(self._watch(), name="watch"),
+                    asyncio.create_task(self._reconcile_loop(), name="reconcile"),
+                    asyncio.create_task(self._flush_loop(), name="flush"),
+                ]
+                stopped = asyncio.create_task(stop.wait())
+                fenced = asyncio.create_task(self._fenced.wait())
+                done, _ = await asyncio.wait(
+                    [stopped, fenced, *self._tasks], return_when=asyncio.FIRST_COMPLETED
+                )
+                for t in (stopped, fenced):
+                    t.cancel()
+                for t in done:
+                    if t in self._tasks and not t.cancelled() and t.exception():
+                        log.error("agent task %s died: %r", t.get_name(), t.exception())
+                        self._fenced.set()
+                if self._fenced.is_set() and self.left_cluster:
+                    await self._cancel_tasks()
+                    return
+                if self._fenced.is_set() and not stop.is_set():
+                    await self._cancel_tasks()
+                    await self._wait_for_store()
+                    continue
+                break
+            await self._shutdown()
+        finally:
+            await self._cancel_tasks()
+            if self.registry is not None:
+                self.registry.close()
+
+    async def _join(self) -> None:
+        ttl = self.cluster.node_timeout
+        record = encode(NodeRecord(name=self.node, pid=os.getpid()))
+        deadline = time.monotonic() + 2 * ttl + 1
+        self.lease = await self.store.lease_grant(ttl)
+        while True:
+            key = self.keys.node(self.node)
+            res = await self.store.txn(
+                [Compare.absent(key)], [Put(key, record, lease=self.lease)], []
+            )
+            if res.succeeded:
+                break
+            if time.monotonic() > deadline:
+                await self.store.lease_revoke(self.lease)
+                raise UsageError(
+                    f"node {self.node} is already up in cluster {self.cluster.name} "
+                    "(another vigild with this --node is running)"
+                )
+            # a previous incarnation's lease has not expired yet; keep ours alive meanwhile
+            await self.store.lease_keepalive(self.lease)
+            await asyncio.sleep(0.1)
+        log.info("node %s joined cluster %s (lease %x)", self.node, self.cluster.name, self.lease)
+        await self._adopt_stale_statuses()
+
+    async def _adopt_stale_statuses(self) -> None:
+        """Packages that ran here before a crash or fence and whose owner key is gone."""
+        snap = await read_snapshot(self.store, self.keys)
+        for pkg, st in snap.status.items():
+            if st.node == self.node and pkg not in snap.owners and pkg not in self.held:
+                if st.state in (PackageState.FAILED, PackageState.HALTED):
+                    continue
+                new = st.model_copy(
+                    update={
+                        "state": PackageState.HALTED,
+                        "halt_reason": HaltReason.FAILURE,
+                        "message": "the agent on this node stopped; its processes were killed",
+                        "since": time.time(),
+                        "services": {},
+                        "monitors": {},
+                    }
+                )
+                await self.store.txn(
+                    [Compare.absent(self.keys.owner(pkg))],
+                    [Put(self.keys.status(pkg), encode(new)), self._event_op(pkg, st.state, new)],
+                )
+
+    async def _wait_for_store(self) -> None:
+        while True:
+            try:
+                await self.store.get(self.keys.config_cluster)
+                return
+            except StoreError as exc:
+                log.warning("store still unreachable: %s", exc)
+                await asyncio.sleep(self.cluster.node_timeout / 3)
+
+    async def _cancel_tasks(self) -> None:
+        tasks = [t for t in self._tasks if not t.done()]
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        self._tasks = []
+
+    async def _shutdown(self) -> None:
+        """vigild was asked to stop: halt what runs here, then leave the cluster."""
+        self._stopping = True
+        for h in self.held.values():
+            if h.busy is not None:
+                with contextlib.suppress(Exception):
+                    await h.busy
+        for pkg in list(self.held):
+            h = self.held[pkg]
+            if h.state in (PackageState.RUNNING, PackageState.MAINTENANCE):
+                await self._halt(pkg, HaltReason.USER_HALT, "node agent stopping")
+        await self._flush_dirty()
+        with contextlib.suppress(StoreError):
+            await self.store.lease_revoke(self.lease)
+        log.info("node %s left cluster %s", self.node, self.cluster.name)
+
+    # ------------------------------------------------------------------ lease
+
+    async def _keepalive(self) -> None:
+        ttl = self.cluster.node_timeout
+        last_ok = time.monotonic()
+        while True:
+            await asyncio.sleep(ttl / 3)
+            sent = time.monotonic()
+            try:
+                async with asyncio.timeout(ttl / 3):
+                    await self.store.lease_keepalive(self.lease)
+                last_ok = sent
+            except LeaseNotFound:
+                self._fence("node lease expired")
+                return
+            except (StoreError, TimeoutError) as exc:
+                # The lease runs from the last renewal the store saw, which was sent at
+                # or after last_ok: kill everything while there is still margin.
+                if time.monotonic() - last_ok > ttl * 0.6:
+                    self._fence(f"cannot renew the node lease: {exc or 'timeout'}")
+                    return
+                log.warning("lease renewal failed (%s); retrying", exc or "timeout")
+
+    def _fence(self, why: str) -> None:
+        """Self-fencing: kill every package process now, forget what we held."""
+        log.error("FENCING node %s: %s; killing every package process", self.node, why)
+        if self.registry is not None:
+            self.registry.kill_all()
+        for h in self.held.values():
+            if h.busy is not None:
+                h.busy.cancel()
+        self.held.clear()
+        self._dirty.clear()
+        self._fenced.set()
+
+    # ------------------------------------------------------------------ watch & reconcile
+
+    async def _watch(self) -> None:
+        _, rev = await self.store.range(self.keys.config_cluster)
+        self._trigger.set()
+        while True:
+            try:
+                async for ev in self.store.watch(self.keys.root, rev):
+                    rev = ev.revision
+                    if not ev.key.startswith(self.keys.events):
+                        self._trigger.set()
+            except Compacted:
+                _, rev = await self.store.range(self.keys.config_cluster)
+                self._trigger.set()
+
+    async def _reconcile_loop(self) -> None:
+        while True:
+            await self._trigger.wait()
+            self._trigger.clear()
+            await self.reconcile()
+
+    async def reconcile(self) -> None:
+        snap = await read_snapshot(self.store, self.keys)
+        self.snapshot = snap
+        self._check_ownership(snap)
+        local = {p: h.local() for p, h in self.held.items()}
+        for d in decide(snap, self.node, local):
+            held = self.held.get(d.package)
+            if held is not None and held.busy is not None:
+                continue
+            if d.verb is Verb.WAIT:
+                continue
+            log.info("package %s: %s (%s)", d.package, d.verb.value, d.reason)
+            self._launch(d.package, self._carry_out(d, snap))
+
+    def _check_ownership(self, snap: Snapshot) -> None:
+        for pkg, h in list(self.held.items()):
+            if snap.owners.get(pkg) != self.node or snap.owner_revisions.get(pkg) != h.owner_rev:
+                log.error("package %s: lost its owner key; killing its processes", pkg)
+                if h.busy is not None:
+                    h.busy.cancel()
+                if self.registry is not None:
+                    self.registry.kill_all(only=self._pgids_of(h))
+                del self.held[pkg]
+
+    def _pgids_of(self, h: Held) -> set[int]:
+        return {s.supervisor.pid for s in h.runner.services if s.supervisor.pid is not None}
+
+    def _launch(self, pkg: str, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(self._guard(pkg, coro), name=f"pkg-{pkg}")
+        held = self.held.get(pkg)
+        if held is not None:
+            held.busy = task
+
+    async def _guard(self, pkg: str, coro: Coroutine[Any, Any, None]) -> None:
+        try:
+            await coro
+        except asyncio.CancelledError:
+            raise
+        except StoreError as exc:
+            log.error("package %s: store error: %s", pkg, exc)
+        except Exception:
+            log.exception("package %s: operation failed unexpectedly", pkg)
+        finally:
+            held = self.held.get(pkg)
+            if held is not None and held.busy is asyncio.current_task():
+                held.busy = None
+            self._trigger.set()
+
+    async def _carry_out(self, d: Decision, snap: Snapshot) -> None:
+        if d.verb is Verb.START:
+            assert d.start_reason is not None
+            await self._start(d.package, d.start_reason, snap)
+        elif d.verb is Verb.HALT:
+            await self._halt(d.package, d.halt_reason or HaltReason.USER_HALT, d.reason)
+        elif d.verb is Verb.CLEAR:
+            await self._clear(d.package, snap)
+        elif d.verb is Verb.RELEASE:
+            await self._release(d.package, PackageState.HALTED, d.reason)
+        elif d.verb is Verb.MAINTENANCE_ON:
+            h = self.held[d.package]
+            await h.runner.pause_monitors()
+            h.maintenance = True
+            await self._set_state(d.package, PackageState.MAINTENANCE, d.reason)
+        elif d.verb is Verb.MAINTENANCE_OFF:
+            h = self.held[d.package]
+            h.maintenance = False
+            await h.runner.resume_monitors()
+            await self._set_state(d.package, PackageState.RUNNING, d.reason)
+
+    # ------------------------------------------------------------------ operations
+
+    def _context(self, spec: PackageSpec, reason: StartReason, prev: str | None) -> Context:
+        assert self.registry is not None
+        return Context(
+            cluster=self.cluster,
+            spec=spec,
+            node=self.node,
+            log_path=self.log_dir / f"{spec.name}.log",
+            registry=self.registry,
+            config_dir=self.config_dir,
+            start_reason=reason,
+            previous_node=prev,
+        )
+
+    async def _start(self, pkg: str, reason: StartReason, snap: Snapshot) -> None:
+        spec = snap.packages[pkg]
+        old = snap.status_of(pkg)
+        ctx = self._context(spec, reason, old.node)
+        runner = PackageRunner(
+            ctx,
+            on_change=lambda: self._mark_dirty(pkg),
+            on_service_failed=lambda svc, why: self._on_service_failed(pkg, svc, why),
+            on_monitor=lambda name, v: self._on_monitor(pkg, name, v),
+        )
+        status = PackageStatus(
+            state=PackageState.STARTING,
+            node=self.node,
+            start_reason=reason,
+            previous_node=old.node,
+            message=f"starting ({reason.value})",
+        )
+        owner_key = self.keys.owner(pkg)
+        res = await self.store.txn(
+            [Compare.absent(owner_key), Compare.exists(self.keys.node(self.node))],
+            [
+                Put(owner_key, self.node.encode(), lease=self.lease),
+                Put(self.keys.status(pkg), encode(status)),
+                self._event_op(pkg, old.state, status, reason.value),
+            ],
+        )
+        if not res.succeeded:
+            log.info("package %s: another node claimed it first", pkg)
+            return
+        held = Held(
+            spec=spec,
+            runner=runner,
+            owner_rev=res.revision,
+            state=PackageState.STARTING,
+            start_reason=reason,
+            previous_node=old.node,
+            cleared_generation=snap.admin_of(pkg).clear_generation,
+            package_restarts=[],
+        )
+        held.busy = asyncio.current_task()
+        self.held[pkg] = held
+        await self._run_start(pkg, held, snap)
+
+    async def _run_start(self, pkg: str, held: Held, snap: Snapshot) -> None:
+        result = await held.runner.start()
+        if result.outcome is Outcome.OK:
+            await self._set_state(pkg, PackageState.RUNNING, f"started ({held.start_reason.value})")
+            return
+        held.halt_reason = HaltReason.FAILURE
+        if held.runner.done > 0:  # undo did not finish: processes may be left
+            await self._halt_failed(pkg, f"{result.detail}")
+            return
+        await self._after_failure(pkg, result.outcome is Outcome.FAILOVER, result.detail)
+
+    async def _after_failure(self, pkg: str, failover: bool, detail: str) -> None:
+        snap = await read_snapshot(self.store, self.keys)
+        held = self.held[pkg]
+        admin = snap.admin_of(pkg)
+        after = after_start_failure(held.spec, admin, snap, self.node, failover)
+        admin_key = self.keys.admin(pkg)
+        admin_rev = snap.raw_revisions.get(admin_key, 0)
+        extra: list[Op] = [Put(admin_key, encode(after.admin))]
+        compares = [Compare.mod_revision(admin_key, admin_rev)]
+        ok = await self._release(
+            pkg, after.state, f"{detail}; {after.reason}", extra=extra, compares=compares
+        )
+        if not ok:  # the admin record changed under us: decide again with fresh data
+            snap = await read_snapshot(self.store, self.keys)
+            after = after_start_failure(held.spec, snap.admin_of(pkg), snap, self.node, failover)
+            await self._release(
+                pkg,
+                after.state,
+                f"{detail}; {after.reason}",
+                extra=[Put(admin_key, encode(after.admin))],
+            )
+
+    async def _halt(self, pkg: str, reason: HaltReason, why: str) -> bool:
+        held = self.held[pkg]
+        held.busy = held.busy or asyncio.current_task()
+        held.halt_reason = reason
+        held.runner.ctx.halt_reason = reason
+        await self._set_state(pkg, PackageState.HALTING, why)
+        ok = await held.runner.halt()
+        if not ok:
+            await self._halt_failed(pkg, f"a stop step failed while halting ({why})")
+            return False
+        await self._release(pkg, PackageState.HALTED, why)
+        return True
+
+    async def _halt_failed(self, pkg: str, why: str) -> None:
+        held = self.held[pkg]
+        if held.spec.node_fail_fast:
+            await self._set_state(pkg, PackageState.HALT_FAILED, why + "; node_fail_fast: fencing")
+            await self.fence_node(f"package {pkg}: {why}")
+            return
+        await self._set_state(pkg, PackageState.HALT_FAILED, why + "; blocked until cleared")
+
+    async def _clear(self, pkg: str, snap: Snapshot) -> None:
+        held = self.held[pkg]
+        held.cleared_generation = snap.admin_of(pkg).clear_generation
+        held.runner.done = 0  # an operator vouches that nothing is left running
+        await self._release(pkg, PackageState.HALTED, "cleared by an operator")
+
+    async def _release(
+        self,
+        pkg: str,
+        state: PackageState,
+        why: str,
+        *,
+        extra: list[Op] | None = None,
+        compares: list[Compare] | None = None,
+    ) -> bool:
+        """Write the final status and give the owner key back, in one fenced txn."""
+        held = self.held[pkg]
+        held.state = state
+        held.message = why
+        held.since = time.time()
+        status = self._status(pkg, held)
+        status = status.model_copy(update={"services": {}, "monitors": {}, "degraded": False})
+        old = self.snapshot.status_of(pkg).state if self.snapshot else None
+        res = await self.store.txn(
+            [Compare.mod_revision(self.keys.owner(pkg), held.owner_rev), *(compares or [])],
+            [
+                Delete(self.keys.owner(pkg)),
+                Put(self.keys.status(pkg), encode(status)),
+                self._event_op(pkg, old, status, why),
+                *(extra or []),
+            ],
+        )
+        if res.succeeded or not compares:
+            self.held.pop(pkg, None)
+            self._dirty.discard(pkg)
+        return res.succeeded
+
+    async def _set_state(self, pkg: str, state: PackageState, why: str) -> None:
+        held = self.held.get(pkg)
+        if held is None:
+            return
+        old = held.state
+        held.state = state
+        held.message = why
+        held.since = time.time()
+        log.info("package %s: %s -> %s (%s)", pkg, old.value, state.value, why)
+        await self._write_status(pkg, held, event_from=old, why=why)
+
+    def _status(self, pkg: str, held: Held) -> PackageStatus:
+        return PackageStatus(
+            state=held.state,
+            node=self.node,
+            halt_reason=held.halt_reason,
+            start_reason=held.start_reason,
+            previous_node=held.previous_node,
+            degraded=held.degraded,
+            message=held.message,
+            since=held.since,
+            restarts=len(held.package_restarts),
+            services=held.runner.service_status(),
+            monitors=held.runner.monitor_status(held.monitors),
+        )
+
+    async def _write_status(
+        self, pkg: str, held: Held, *, event_from: PackageState | None = None, why: str = ""
+    ) -> None:
+        status = self._status(pkg, held)
+        ops: list[Op] = [Put(self.keys.status(pkg), encode(status))]
+        if event_from is not None:
+            ops.append(self._event_op(pkg, event_from, status, why))
+        res = await self.store.txn(
+            [Compare.mod_revision(self.keys.owner(pkg), held.owner_rev)], ops
+        )
+        self._dirty.discard(pkg)
+        if not res.succeeded:
+            log.error("package %s: owner key lost; killing its processes", pkg)
+            self._trigger.set()
+
+    def _event_op(
+        self, pkg: str, old: PackageState | None, new: PackageStatus, why: str = ""
+    ) -> Put:
+        now_ns = max(time.time_ns(), self._last_event_ns + 1)
+        self._last_event_ns = now_ns
+        self._events_written += 1
+        if self._events_written % 200 == 0:
+            asyncio.get_running_loop().create_task(self._trim_events())
+        ev = Event(
+            time=now_ns / 1e9,
+            node=self.node,
+            package=pkg,
+            from_state=old.value if old else None,
+            to_state=new.state.value,
+            reason=why or new.message,
+        )
+        return Put(self.keys.event(now_ns, self.node), encode(ev))
+
+    async def _trim_events(self) -> None:
+        with contextlib.suppress(StoreError):
+            kvs, _ = await self.store.range(self.keys.events)
+            for kv in kvs[: max(0, len(kvs) - EVENTS_KEPT)]:
+                await self.store.delete(kv.key)
+
+    # ------------------------------------------------------------------ runtime failures
+
+    def _mark_dirty(self, pkg: str) -> None:
+        self._dirty.add(pkg)
+        self._dirty_event.set()
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await self._dirty_event.wait()
+            self._dirty_event.clear()
+            await self._flush_dirty()
+            await asyncio.sleep(STATUS_FLUSH_INTERVAL)  # rate limit: crash loops are cheap
+
+    async def _flush_dirty(self) -> None:
+        for pkg in list(self._dirty):
+            held = self.held.get(pkg)
+            self._dirty.discard(pkg)
+            if held is not None and held.state not in (PackageState.HALTED,):
+                await self._write_status(pkg, held)
+
+    def _on_service_failed(self, pkg: str, svc: str, why: str) -> None:
+        held = self.held.get(pkg)
+        if held is None or self._stopping:
+            return
+        if held.maintenance:
+            log.warning(
+                "package %s: service %s failed (%s); in maintenance, ignored", pkg, svc, why
+            )
+            self._mark_dirty(pkg)
+            return
+        spec = next(s for s in held.spec.service if s.name == svc)
+        if spec.fail_fast:
+            self._launch(pkg, self.fence_node(f"package {pkg}: service {svc} failed: {why}"))
+            return
+        log.error("package %s: service %s failed for good: %s", pkg, svc, why)
+        self._launch_when_idle(pkg, self._fail(pkg, f"service {svc} failed: {why}"))
+
+    def _on_monitor(self, pkg: str, name: str, v: MonitorVerdict) -> None:
+        held = self.held.get(pkg)
+        if held is None or held.maintenance:
+            return
+        held.monitors[name] = MonitorStatus(status=v.status, failures=v.failures)
+        degraded = any(m.status == "degraded" for m in held.monitors.values())
+        if degraded != held.degraded:
+            held.degraded = degraded
+            log.warning("package %s: %s", pkg, "degraded" if degraded else "no longer degraded")
+        self._mark_dirty(pkg)
+        if not v.act:
+            return
+        spec = next(m for m in held.spec.monitor if m.name == name)
+        why = f"monitor {name} failed {v.failures} times"
+        if spec.action == "log":
+            log.error("package %s: %s (action log)", pkg, why)
+            return
+        if spec.action == "restart":
+            now = time.monotonic()
+            window = held.spec.restart_window
+            held.package_restarts = [t for t in held.package_restarts if now - t < window]
+            if len(held.package_restarts) < held.spec.restart_limit:
+                held.package_restarts.append(now)
+                self._launch_when_idle(pkg, self._restart_in_place(pkg, why))
+                return
+            why += f"; restart_limit {held.spec.restart_limit} reached"
+        self._launch_when_idle(pkg, self._fail(pkg, why))
+
+    def _launch_when_idle(self, pkg: str, coro: Coroutine[Any, Any, None]) -> None:
+        held = self.held[pkg]
+        if held.busy is not None:
+            coro.close()
+            return
+        self._launch(pkg, coro)
+
+    async def _fail(self, pkg: str, why: str) -> None:
+        held = self.held[pkg]
+        held.halt_reason = HaltReason.FAILURE
+        held.runner.ctx.halt_reason = HaltReason.FAILURE
+        await self._set_state(pkg, PackageState.HALTING, why)
+        if not await held.runner.halt():
+            await self._halt_failed(pkg, f"{why}; then a stop step failed")
+            return
+        await self._after_failure(pkg, True, why)
+
+    async def _restart_in_place(self, pkg: str, why: str) -> None:
+        held = self.held[pkg]
+        held.halt_reason = HaltReason.FAILURE
+        held.runner.ctx.halt_reason = HaltReason.FAILURE
+        await self._set_state(pkg, PackageState.HALTING, f"{why}; restarting in place")
+        if not await held.runner.halt():
+            await self._halt_failed(pkg, f"{why}; a stop step failed")
+            return
+        held.start_reason = StartReason.RESTART
+        held.runner.ctx.start_reason = StartReason.RESTART
+        await self._set_state(pkg, PackageState.STARTING, "restart in place")
+        snap = await read_snapshot(self.store, self.keys)
+        await self._run_start(pkg, held, snap)
+
+    async def fence_node(self, why: str) -> None:
+        """node_fail_fast / service fail_fast: run fence_command, or kill all and leave."""
+        log.error("node %s fences itself: %s", self.node, why)
+        cmd = self.cluster.fence_command
+        if cmd:
+            proc = await asyncio.create_subprocess_exec(*cmd)
+            await proc.wait()
+        if self.registry is not None:
+            self.registry.kill_all()
+        with contextlib.suppress(StoreError):
+            await self.store.lease_revoke(self.lease)
+        self.held.clear()
+        self.left_cluster = True
+        self._fenced.set()
+
+
+def admin_default(spec: PackageSpec) -> AdminRecord:
+    return AdminRecord(auto_run=spec.auto_run)

@@ -1,0 +1,156 @@
+"""``vigil check [DIR]`` and ``vigil apply [DIR]``.
+
+``check`` validates every file and key, then runs each external script's
+``validate`` entry point on this node. ``apply`` checks, then writes the whole
+configuration to the store in one transaction: all or nothing. A package that is
+running cannot be removed by ``apply`` (halt it first), and a concurrent change of
+the applied configuration makes ``apply`` fail instead of interleaving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from pathlib import Path
+
+import click
+
+from vigil.cli.context import CliContext
+from vigil.config import CheckReport, ConfigTree, load_tree
+from vigil.errors import ConfigError, Conflict, VigilError
+from vigil.keys import Keys
+from vigil.model import ACTIVE_STATES, AdminRecord
+from vigil.scripts.runner import run_script
+from vigil.snapshot import encode, read_snapshot
+from vigil.store import Compare, Delete, Op, Put, Store, open_store
+
+VALIDATE_TIMEOUT_CAP = 120.0
+
+
+async def run_validations(tree: ConfigTree, node: str, report: CheckReport) -> None:
+    for name, spec in tree.packages.items():
+        where = tree.files[name]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("VIGIL_")}
+        env.update(spec.env)
+        env.update(
+            VIGIL_CLUSTER=tree.cluster.name,
+            VIGIL_PACKAGE=name,
+            VIGIL_NODE=node,
+            VIGIL_ACTION="validate",
+        )
+        timeout = min(spec.run_script_timeout or VALIDATE_TIMEOUT_CAP, VALIDATE_TIMEOUT_CAP)
+        for key in ("external_pre_script", "external_script"):
+            for i, ref in enumerate(getattr(spec, key)):
+                if any(e.where.startswith(f"{where}: {key}[{i}]") for e in report.errors):
+                    continue
+                res = await run_script(ref, "validate", env=env, timeout=timeout, log_path=None)
+                if res.exit_code != 0:
+                    why = "timed out" if res.timed_out else res.error or f"exited {res.exit_code}"
+                    report.errors.append(
+                        ConfigError(f"{where}: {key}[{i}]", f"{ref.path} validate {why}")
+                    )
+
+
+def _check(config_dir: Path, node: str) -> ConfigTree:
+    report = CheckReport()
+    tree = load_tree(config_dir, report)
+    if tree is not None and report.ok:
+        asyncio.run(run_validations(tree, node, report))
+    for w in report.warnings:
+        click.echo(f"warning: {w}", err=True)
+    if not report.ok or tree is None:
+        for e in report.errors:
+            click.echo(f"vigil: error: {e}", err=True)
+        n = len(report.errors)
+        raise _Rejected(f"{n} error{'s' if n != 1 else ''} in {config_dir}; nothing applied")
+    return tree
+
+
+class _Rejected(VigilError):
+    exit_code = 2
+
+
+def _dir_arg(obj: CliContext, directory: Path | None) -> Path:
+    return (directory or obj.config_dir).resolve()
+
+
+def _this_node(obj: CliContext) -> str:
+    return obj.node_option or os.environ.get("VIGIL_NODE") or socket.gethostname().split(".")[0]
+
+
+@click.command()
+@click.argument("directory", required=False, type=click.Path(path_type=Path))
+@click.pass_obj
+def check(obj: CliContext, directory: Path | None) -> None:
+    """Validate a configuration directory and run the scripts' validate entry points."""
+    config_dir = _dir_arg(obj, directory)
+    tree = _check(config_dir, _this_node(obj))
+    n = len(tree.packages)
+    click.echo(f"{config_dir}: valid (cluster {tree.cluster.name}, {n} package{'s' * (n != 1)})")
+
+
+async def apply_tree(store: Store, tree: ConfigTree) -> list[str]:
+    """Write ``tree`` in one transaction. Returns notes for the operator."""
+    keys = Keys(tree.cluster.name)
+    snap = await read_snapshot(store, keys)
+    notes: list[str] = []
+    compares: list[Compare] = []
+    ops: list[Op] = []
+    # Guard every key we read: a concurrent apply makes this one fail, never interleave.
+    for key in [keys.config_cluster, *(keys.config_package(p) for p in snap.packages)]:
+        compares.append(Compare.mod_revision(key, snap.raw_revisions.get(key, 0)))
+    ops.append(Put(keys.config_cluster, encode(tree.cluster)))
+    for name in sorted(set(snap.packages) - set(tree.packages)):
+        st = snap.status.get(name)
+        if name in snap.owners or (st is not None and st.state in ACTIVE_STATES):
+            raise ConfigError(
+                f"{tree.directory}/packages",
+                f"package {name!r} is {st.state.value if st else 'running'} "
+                f"on {snap.owners.get(name, st.node if st else '?')}: halt it before "
+                "removing it from the configuration; nothing applied",
+            )
+        ops += [Delete(keys.config_package(name)), Delete(keys.admin(name)),
+                Delete(keys.status(name))]  # fmt: skip
+        notes.append(f"package {name}: removed")
+    for name, spec in tree.packages.items():
+        old = snap.packages.get(name)
+        if old == spec:
+            continue
+        ops.append(Put(keys.config_package(name), encode(spec)))
+        if old is None:
+            akey = keys.admin(name)
+            compares.append(Compare.mod_revision(akey, snap.raw_revisions.get(akey, 0)))
+            ops.append(Put(akey, encode(AdminRecord(auto_run=spec.auto_run))))
+            notes.append(f"package {name}: added")
+        elif name in snap.owners:
+            notes.append(f"package {name}: changed; running on {snap.owners[name]}, the change "
+                         "takes effect when it next starts")  # fmt: skip
+        else:
+            notes.append(f"package {name}: changed")
+    res = await store.txn(compares, ops)
+    if not res.succeeded:
+        raise Conflict("the applied configuration changed while applying; nothing applied, retry")
+    return notes
+
+
+@click.command()
+@click.argument("directory", required=False, type=click.Path(path_type=Path))
+@click.pass_obj
+def apply(obj: CliContext, directory: Path | None) -> None:
+    """Check a configuration directory, then write all of it to the store at once."""
+    config_dir = _dir_arg(obj, directory)
+    tree = _check(config_dir, _this_node(obj))
+
+    async def go() -> list[str]:
+        store = open_store(tree.cluster.store)
+        try:
+            return await apply_tree(store, tree)
+        finally:
+            await store.close()
+
+    notes = asyncio.run(go())
+    for note in notes:
+        click.echo(note)
+    click.echo(f"applied {config_dir} to cluster {tree.cluster.name} "
+               f"({len(tree.packages)} packages)")  # fmt: skip

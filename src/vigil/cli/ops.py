@@ -1,0 +1,112 @@
+"""Operator requests: read-modify-write of a package's admin record, and --wait."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from vigil.errors import Conflict, NotFound, Timeout, UsageError, VigilError
+from vigil.keys import Keys
+from vigil.model import AdminRecord, PackageState
+from vigil.snapshot import Snapshot, encode, read_snapshot
+from vigil.store import Compare, Op, Put, Store
+from vigil.view import package_state
+
+POLL = 0.05
+
+
+def refuse_own_package(pkg: str) -> None:
+    """A package's own scripts must not drive their own package (CONCEPTS §8)."""
+    if os.environ.get("VIGIL_PACKAGE") == pkg:
+        raise UsageError(
+            f"package {pkg}: a script of this package cannot run vigil commands against "
+            "its own package (command loop)"
+        )
+
+
+def require_package(snap: Snapshot, pkg: str) -> None:
+    if pkg not in snap.packages:
+        known = ", ".join(sorted(snap.packages)) or "none applied"
+        raise NotFound(f"unknown package {pkg!r} (known: {known})")
+
+
+def require_node(snap: Snapshot, node: str) -> None:
+    known = set(snap.nodes)
+    if snap.cluster and snap.cluster.nodes:
+        known |= set(snap.cluster.nodes)
+    known |= {s.node for s in snap.status.values() if s.node}
+    if node not in known:
+        raise NotFound(f"unknown node {node!r} (known: {', '.join(sorted(known)) or 'none'})")
+
+
+@dataclass(frozen=True)
+class Change:
+    admin: AdminRecord
+    reset_status: bool = False  # an unowned failed/halt_failed package goes back to halted
+
+
+async def change_admin(
+    store: Store, keys: Keys, pkg: str, fn: Callable[[AdminRecord, Snapshot], Change]
+) -> Snapshot:
+    """Apply ``fn`` to the package's admin record with compare-and-swap; retry on races."""
+    for _ in range(20):
+        snap = await read_snapshot(store, keys)
+        require_package(snap, pkg)
+        change = fn(snap.admin_of(pkg), snap)
+        akey = keys.admin(pkg)
+        compares = [Compare.mod_revision(akey, snap.raw_revisions.get(akey, 0))]
+        ops: list[Op] = [Put(akey, encode(change.admin))]
+        st = snap.status.get(pkg)
+        if (
+            change.reset_status
+            and st is not None
+            and pkg not in snap.owners
+            and st.state in (PackageState.FAILED, PackageState.HALT_FAILED)
+        ):
+            skey = keys.status(pkg)
+            compares += [
+                Compare.absent(keys.owner(pkg)),
+                Compare.mod_revision(skey, snap.raw_revisions.get(skey, 0)),
+            ]
+            new = st.model_copy(
+                update={"state": PackageState.HALTED, "message": "cleared by an operator",
+                        "since": time.time()}
+            )  # fmt: skip
+            ops.append(Put(skey, encode(new)))
+        res = await store.txn(compares, ops)
+        if res.succeeded:
+            return snap
+    raise Conflict(f"package {pkg}: the store kept changing; try again")
+
+
+async def wait_for(
+    store: Store,
+    keys: Keys,
+    pkg: str,
+    want: set[PackageState],
+    fail: set[PackageState],
+    timeout: float,
+    since: float,
+) -> PackageState:
+    """Poll until the package reaches a state in ``want``; a ``fail`` state newer than
+    ``since`` ends the wait with an error naming it."""
+    deadline = time.monotonic() + timeout
+    state = PackageState.HALTED
+    while True:
+        snap = await read_snapshot(store, keys)
+        state, node, message = package_state(snap, pkg)
+        st = snap.status_of(pkg)
+        if state in want:
+            return state
+        if state in fail and st.since >= since:
+            where = f" on {node}" if node else ""
+            raise VigilError(f"package {pkg} is {state.value}{where}: {message}")
+        if time.monotonic() > deadline:
+            raise Timeout(
+                f"package {pkg} did not become {'/'.join(sorted(s.value for s in want))} "
+                f"within {timeout:g}s (now {state.value}: {message})"
+            )
+        await asyncio.sleep(POLL)

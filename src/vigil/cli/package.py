@@ -1,0 +1,236 @@
+"""``vigil package start|halt|enable|disable|maintenance|clear|env PKG``.
+
+Commands write the operator's intent into the package's admin record; the node
+agents carry it out. ``--wait`` blocks until it is done, bounded by ``--timeout``.
+
+- ``start``: global switching on, node switching back on (for ``-n NODE`` only, or
+  every node), a failed / halt_failed package is reset; the cluster starts it.
+- ``halt``: halts it (reason ``user_halt``) and turns global switching off, so the
+  cluster does not start it again by itself.
+- ``enable`` / ``disable``: global switching on / off; with ``-n NODE``, node
+  switching for that node. ``disable`` does not halt a running package.
+- ``maintenance PKG [--off]``: leave the package alone (no monitoring, no restart,
+  no failover) / resume.
+- ``clear``: an operator vouches that a failed / halt_failed package left nothing
+  running; it becomes halted and may start again.
+"""
+
+from __future__ import annotations
+
+import shlex
+import time
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from vigil.cli.context import CliContext
+from vigil.cli.ops import Change, change_admin, refuse_own_package, require_node, wait_for
+from vigil.cli.render import console, print_json, table
+from vigil.keys import Keys
+from vigil.model import AdminRecord, PackageState
+from vigil.snapshot import Snapshot, read_snapshot
+from vigil.store import Store
+from vigil.view import package_state
+
+S = PackageState
+FAILED = {S.FAILED, S.HALT_FAILED}
+
+
+def _wait_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    f = click.option("--timeout", default=60.0, show_default=True, type=click.FloatRange(min=0),
+                     help="Seconds --wait may take.")(f)  # fmt: skip
+    return click.option("--wait", "-w", is_flag=True, help="Block until it is done.")(f)
+
+
+@click.group()
+def package() -> None:
+    """Start, halt and switch packages."""
+
+
+def _act(
+    obj: CliContext,
+    pkg: str,
+    fn: Callable[[AdminRecord, Snapshot], Change],
+    verb: str,
+    wait: bool,
+    timeout: float,
+    want: set[PackageState],
+    fail: set[PackageState],
+    check: Callable[[Snapshot], None] | None = None,
+) -> None:
+    refuse_own_package(pkg)
+    since = time.time()
+
+    async def go(store: Store, keys: Keys) -> PackageState | None:
+        def fn_checked(admin: AdminRecord, snap: Snapshot) -> Change:
+            if check:
+                check(snap)
+            return fn(admin, snap)
+
+        await change_admin(store, keys, pkg, fn_checked)
+        if wait:
+            return await wait_for(store, keys, pkg, want, fail, timeout, since)
+        return None
+
+    state = obj.run(go)
+    if state is None:
+        click.echo(f"package {pkg}: {verb} requested")
+    else:
+        click.echo(f"package {pkg}: {verb} done ({state.value})")
+
+
+@package.command()
+@click.argument("pkg")
+@click.option("-n", "--node", "node", default=None, help="Start it on this node.")
+@_wait_options
+@click.pass_obj
+def start(obj: CliContext, pkg: str, node: str | None, wait: bool, timeout: float) -> None:
+    """Start PKG (turns global switching on)."""
+
+    def fn(a: AdminRecord, snap: Snapshot) -> Change:
+        disabled = tuple(n for n in a.disabled_nodes if node is not None and n != node)
+        return Change(
+            a.model_copy(
+                update={
+                    "auto_run": True,
+                    "halt_requested": False,
+                    "disabled_nodes": disabled,
+                    "clear_generation": a.clear_generation + 1,
+                    "start_node": node,
+                }
+            ),
+            reset_status=True,
+        )
+
+    def check(snap: Snapshot) -> None:
+        if node is not None:
+            require_node(snap, node)
+
+    _act(obj, pkg, fn, "start", wait, timeout, {S.RUNNING}, FAILED, check)
+
+
+@package.command()
+@click.argument("pkg")
+@_wait_options
+@click.pass_obj
+def halt(obj: CliContext, pkg: str, wait: bool, timeout: float) -> None:
+    """Halt PKG (turns global switching off)."""
+
+    def fn(a: AdminRecord, snap: Snapshot) -> Change:
+        return Change(
+            a.model_copy(update={"auto_run": False, "halt_requested": True, "start_node": None})
+        )
+
+    _act(obj, pkg, fn, "halt", wait, timeout, {S.HALTED, S.FAILED}, {S.HALT_FAILED})
+
+
+@package.command()
+@click.argument("pkg")
+@click.option("-n", "--node", "node", default=None, help="Node switching for this node only.")
+@_wait_options
+@click.pass_obj
+def enable(obj: CliContext, pkg: str, node: str | None, wait: bool, timeout: float) -> None:
+    """Turn switching on: global, or for one node with -n."""
+
+    def fn(a: AdminRecord, snap: Snapshot) -> Change:
+        if node is not None:
+            require_node(snap, node)
+            return Change(
+                a.model_copy(
+                    update={"disabled_nodes": tuple(n for n in a.disabled_nodes if n != node)}
+                )
+            )
+        return Change(a.model_copy(update={"auto_run": True, "halt_requested": False}))
+
+    _act(obj, pkg, fn, "enable", wait, timeout, {S.RUNNING}, FAILED)
+
+
+@package.command()
+@click.argument("pkg")
+@click.option("-n", "--node", "node", default=None, help="Node switching for this node only.")
+@click.pass_obj
+def disable(obj: CliContext, pkg: str, node: str | None) -> None:
+    """Turn switching off (a running package keeps running)."""
+
+    def fn(a: AdminRecord, snap: Snapshot) -> Change:
+        if node is not None:
+            require_node(snap, node)
+            return Change(
+                a.model_copy(update={"disabled_nodes": tuple(sorted({*a.disabled_nodes, node}))})
+            )
+        return Change(a.model_copy(update={"auto_run": False}))
+
+    _act(obj, pkg, fn, "disable", False, 0, set(), set())
+
+
+@package.command()
+@click.argument("pkg")
+@click.option("--off", is_flag=True, help="Leave maintenance.")
+@_wait_options
+@click.pass_obj
+def maintenance(obj: CliContext, pkg: str, off: bool, wait: bool, timeout: float) -> None:
+    """Put PKG in maintenance (no monitoring, restart or failover), or --off."""
+
+    def fn(a: AdminRecord, snap: Snapshot) -> Change:
+        return Change(a.model_copy(update={"maintenance": not off}))
+
+    want = {S.RUNNING, S.HALTED, S.FAILED} if off else {S.MAINTENANCE, S.HALTED, S.FAILED}
+    verb = "maintenance off" if off else "maintenance"
+    _act(obj, pkg, fn, verb, wait, timeout, want, {S.HALT_FAILED} if off else set())
+
+
+@package.command()
+@click.argument("pkg")
+@_wait_options
+@click.pass_obj
+def clear(obj: CliContext, pkg: str, wait: bool, timeout: float) -> None:
+    """Reset a failed or halt_failed PKG to halted."""
+
+    def fn(a: AdminRecord, snap: Snapshot) -> Change:
+        return Change(
+            a.model_copy(update={"clear_generation": a.clear_generation + 1}), reset_status=True
+        )
+
+    want = {S.HALTED, S.RUNNING, S.STARTING}
+    _act(obj, pkg, fn, "clear", wait, timeout, want, set())
+
+
+@package.command("env")
+@click.argument("pkg")
+@click.option("--shell", is_flag=True, help="Print `export` lines for a script to source.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def env_cmd(obj: CliContext, pkg: str, shell: bool, as_json: bool) -> None:
+    """The environment PKG's scripts and services get."""
+
+    async def go(store: Store, keys: Keys) -> dict[str, str]:
+        snap = await read_snapshot(store, keys)
+        from vigil.cli.ops import require_package
+
+        require_package(snap, pkg)
+        spec = snap.packages[pkg]
+        st = snap.status_of(pkg)
+        _, node, _ = package_state(snap, pkg)
+        env = {
+            "VIGIL_CLUSTER": keys.cluster,
+            "VIGIL_PACKAGE": pkg,
+            "VIGIL_NODE": node or obj.node,
+        }
+        if st.start_reason:
+            env["VIGIL_START_REASON"] = st.start_reason.value
+        if st.previous_node:
+            env["VIGIL_PREVIOUS_NODE"] = st.previous_node
+        if st.halt_reason:
+            env["VIGIL_HALT_REASON"] = st.halt_reason.value
+        env.update(spec.env)
+        return env
+
+    env = obj.run(go)
+    if as_json:
+        print_json(env)
+    elif shell:
+        for k, v in env.items():
+            click.echo(f"export {k}={shlex.quote(v)}")
+    else:
+        console.print(table(None, ["VARIABLE", "VALUE"], [[k, v] for k, v in env.items()]))

@@ -1,0 +1,76 @@
+"""``vigil status [-v] [--json]``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from vigil.cli.context import CliContext
+from vigil.cli.render import ago, console, print_json, styled, table
+from vigil.keys import Keys
+from vigil.snapshot import read_snapshot
+from vigil.store import Store
+from vigil.view import cluster_view
+
+
+@click.command()
+@click.option("-v", "--verbose", is_flag=True, help="Show services, monitors and messages.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def status(obj: CliContext, verbose: bool, as_json: bool) -> None:
+    """Nodes, packages, states and switching."""
+
+    async def go(store: Store, keys: Keys) -> dict[str, Any]:
+        return cluster_view(await read_snapshot(store, keys))
+
+    view = obj.run(go)
+    if as_json:
+        print_json(view)
+        return
+    render(view, verbose)
+
+
+def render(view: dict[str, Any], verbose: bool) -> None:
+    console.print(f"[bold]cluster[/bold] {view['cluster'] or '(nothing applied yet)'}")
+    rows = [
+        [name, styled(n["state"]), str(n["pid"] or "-"), ", ".join(n["packages"]) or "-"]
+        for name, n in view["nodes"].items()
+    ]
+    console.print(table(None, ["NODE", "STATE", "PID", "PACKAGES"], rows) if rows else "no nodes")
+    console.print()
+    prow = []
+    for name, p in view["packages"].items():
+        state = styled(p["state"]) + (" [yellow](degraded)[/yellow]" if p["degraded"] else "")
+        switching = "enabled" if p["auto_run"] else "disabled"
+        if p["disabled_nodes"]:
+            switching += f" (off on {','.join(p['disabled_nodes'])})"
+        restarts = sum(s["restarts"] for s in p["services"].values())
+        row = [name, state, p["node"] or "-", switching, p["halt_reason"] or "-", str(restarts)]
+        if verbose:
+            row.append(ago(p["since"]))
+            row.append(p["message"])
+        prow.append(row)
+    cols = ["PACKAGE", "STATE", "NODE", "SWITCHING", "HALT REASON", "RESTARTS"]
+    if verbose:
+        cols += ["SINCE", "MESSAGE"]
+    console.print(table(None, cols, prow) if prow else "no packages")
+    if verbose:
+        for name, p in view["packages"].items():
+            srows = [
+                [
+                    f"{name}/{s}",
+                    "service",
+                    v["state"],
+                    str(v["pid"] or "-"),
+                    f"restarts {v['restarts']}",
+                ]
+                for s, v in p["services"].items()
+            ]
+            srows += [
+                [f"{name}/{m}", "monitor", v["status"], "-", f"failures {v['failures']}"]
+                for m, v in p["monitors"].items()
+            ]
+            if srows:
+                console.print()
+                console.print(table(None, ["NAME", "KIND", "STATE", "PID", "COUNT"], srows))

@@ -1,0 +1,83 @@
+"""vigil's one error tree.
+
+    VigilError                       every error vigil raises on purpose
+    ├── ConfigError                  a configuration file or key is wrong (names file:key)
+    ├── UsageError                   a bad command-line argument or a request that makes no sense
+    │   └── NotFound                 an unknown package, node, service, ...
+    ├── StoreError                   anything about the shared store
+    │   ├── StoreUnavailable         the store cannot be reached / opened
+    │   ├── StoreCorrupt             the store holds something vigil cannot read
+    │   ├── LeaseNotFound            a lease expired or was revoked
+    │   ├── Compacted                a watch asked for a revision that is gone
+    │   └── Conflict                 a compare-and-swap transaction lost
+    ├── ScriptError                  an external script misbehaved (exit code, timeout)
+    ├── SpawnError                   a process could not be started
+    └── Timeout                      a --wait ran out of time
+
+Messages are one line and say what was wrong, where, and what was expected.
+Third-party errors are converted at the boundary: ``raise StoreUnavailable(...) from exc``.
+"""
+
+from __future__ import annotations
+
+
+class VigilError(Exception):
+    """Base of every error vigil raises on purpose. ``exit_code`` is the CLI exit status."""
+
+    exit_code = 1
+
+
+class ConfigError(VigilError):
+    exit_code = 2
+
+    def __init__(self, where: str, message: str) -> None:
+        super().__init__(f"{where}: {message}")
+        self.where = where
+        self.message = message
+
+
+class UsageError(VigilError):
+    exit_code = 2
+
+
+class NotFound(UsageError):
+    exit_code = 3
+
+
+class StoreError(VigilError):
+    exit_code = 4
+
+
+class StoreUnavailable(StoreError):
+    pass
+
+
+class StoreCorrupt(StoreError):
+    pass
+
+
+class LeaseNotFound(StoreError):
+    pass
+
+
+class Compacted(StoreError):
+    def __init__(self, requested: int, oldest: int) -> None:
+        super().__init__(f"revision {requested} is compacted; oldest kept is {oldest}")
+        self.requested = requested
+        self.oldest = oldest
+
+
+class Conflict(StoreError):
+    pass
+
+
+class ScriptError(VigilError):
+    pass
+
+
+class SpawnError(VigilError):
+    pass
+
+
+class Timeout(VigilError):
+    exit_code = 5

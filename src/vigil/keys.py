@@ -1,0 +1,73 @@
+"""Where everything lives in the store. One cluster = one key prefix.
+
+/vigil/CLUSTER/config/cluster        ClusterSpec (JSON), as applied
+/vigil/CLUSTER/config/packages/PKG   PackageSpec (JSON), as applied
+/vigil/CLUSTER/nodes/NODE            NodeRecord, bound to the node's lease (present = up)
+/vigil/CLUSTER/owner/PKG             name of the node running PKG, bound to its lease: the truth
+/vigil/CLUSTER/status/PKG            PackageStatus, written by the node acting on PKG
+/vigil/CLUSTER/admin/PKG             AdminRecord: switching and operator requests
+/vigil/CLUSTER/events/TIME.NODE      Event, one per state change (trimmed to the newest ones)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Keys:
+    cluster: str
+
+    @property
+    def root(self) -> str:
+        return f"/vigil/{self.cluster}/"
+
+    @property
+    def config_cluster(self) -> str:
+        return self.root + "config/cluster"
+
+    @property
+    def config_packages(self) -> str:
+        return self.root + "config/packages/"
+
+    def config_package(self, pkg: str) -> str:
+        return self.config_packages + pkg
+
+    @property
+    def nodes(self) -> str:
+        return self.root + "nodes/"
+
+    def node(self, name: str) -> str:
+        return self.nodes + name
+
+    @property
+    def owners(self) -> str:
+        return self.root + "owner/"
+
+    def owner(self, pkg: str) -> str:
+        return self.owners + pkg
+
+    @property
+    def statuses(self) -> str:
+        return self.root + "status/"
+
+    def status(self, pkg: str) -> str:
+        return self.statuses + pkg
+
+    @property
+    def admins(self) -> str:
+        return self.root + "admin/"
+
+    def admin(self, pkg: str) -> str:
+        return self.admins + pkg
+
+    @property
+    def events(self) -> str:
+        return self.root + "events/"
+
+    def event(self, time_ns: int, node: str) -> str:
+        return f"{self.events}{time_ns:020d}.{node}"
+
+    def leaf(self, key: str) -> str:
+        """The last path element of ``key`` (a package or node name)."""
+        return key.rsplit("/", 1)[-1]

@@ -1,0 +1,128 @@
+"""States, reasons and the runtime records kept in the store.
+
+The configuration objects (PackageSpec, ServiceSpec, ...) live in ``vigil.config``;
+this module holds what the agents and the CLI exchange through the store. Every
+record is a frozen pydantic model so that what is read back from the store is
+validated exactly like a config file: bad store contents give a clear error.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class NodeState(enum.StrEnum):
+    UP = "up"
+    DOWN = "down"
+    HALTED = "halted"
+
+
+class PackageState(enum.StrEnum):
+    HALTED = "halted"
+    STARTING = "starting"
+    RUNNING = "running"
+    HALTING = "halting"
+    FAILED = "failed"
+    HALT_FAILED = "halt_failed"
+    START_WAIT = "start_wait"
+    HALT_WAIT = "halt_wait"
+    MAINTENANCE = "maintenance"
+    DETACHED = "detached"
+
+
+# States in which the package may have processes on its node: it must not start elsewhere.
+ACTIVE_STATES = frozenset(
+    {
+        PackageState.STARTING,
+        PackageState.RUNNING,
+        PackageState.HALTING,
+        PackageState.HALT_FAILED,
+        PackageState.MAINTENANCE,
+        PackageState.DETACHED,
+    }
+)
+
+
+class StartReason(enum.StrEnum):
+    BOOT = "boot"
+    USER = "user"
+    FAILOVER = "failover"
+    FAILBACK = "failback"
+    RESTART = "restart"
+
+
+class HaltReason(enum.StrEnum):
+    FAILURE = "failure"
+    USER_HALT = "user_halt"
+    AUTOMATIC_HALT = "automatic_halt"
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class NodeRecord(_Record):
+    """``nodes/NAME``, bound to the node's lease: present while the node is up."""
+
+    name: str
+    pid: int
+    started_at: float = Field(default_factory=time.time)
+    version: str = "0.1.0"
+
+
+class ServiceStatus(_Record):
+    pid: int | None = None
+    restarts: int = 0
+    state: str = "stopped"
+
+
+class MonitorStatus(_Record):
+    status: str = "unknown"  # unknown | healthy | degraded | failing
+    failures: int = 0
+
+
+class PackageStatus(_Record):
+    """``status/PKG``: what the package is doing, written by the node that acts on it."""
+
+    state: PackageState = PackageState.HALTED
+    node: str | None = None
+    halt_reason: HaltReason | None = None
+    start_reason: StartReason | None = None
+    previous_node: str | None = None
+    degraded: bool = False
+    message: str = ""
+    since: float = Field(default_factory=time.time)
+    restarts: int = 0  # package restarts in place (monitor action `restart`)
+    services: dict[str, ServiceStatus] = Field(default_factory=dict)
+    monitors: dict[str, MonitorStatus] = Field(default_factory=dict)
+
+
+class AdminRecord(_Record):
+    """``admin/PKG``: what operators asked for. Written only by the CLI.
+
+    ``auto_run`` is global switching; ``disabled_nodes`` are the nodes whose node
+    switching is off; ``halt_requested`` asks the owning node to halt the package;
+    ``clear_generation`` is bumped by ``vigil package clear`` and ``package start``
+    so that the node holding a failed / halt_failed package resets it once.
+    """
+
+    auto_run: bool = True
+    disabled_nodes: tuple[str, ...] = ()
+    halt_requested: bool = False
+    maintenance: bool = False
+    clear_generation: int = 0
+    start_node: str | None = None
+
+
+class Event(_Record):
+    """``events/...``: one state change, as shown by ``vigil events``."""
+
+    time: float
+    node: str | None
+    package: str | None
+    from_state: str | None
+    to_state: str
+    reason: str = ""

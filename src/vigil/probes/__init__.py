@@ -1,0 +1,1 @@
+"""Small ready-made monitor commands (``python -m vigil.probes.http URL``)."""

@@ -1,0 +1,117 @@
+"""One immutable view of a cluster, read from the store in a single transaction.
+
+Each agent loop and each CLI command reads a Snapshot and decides from it. Store
+contents that do not parse raise StoreCorrupt naming the key.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from vigil.config import ClusterSpec, PackageSpec
+from vigil.errors import StoreCorrupt
+from vigil.keys import Keys
+from vigil.model import AdminRecord, NodeRecord, PackageStatus
+from vigil.store import Get, KeyValue, Store
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def decode(model: type[M], kv: KeyValue) -> M:
+    try:
+        return model.model_validate_json(kv.value)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        loc = ".".join(str(p) for p in first["loc"]) or "(value)"
+        raise StoreCorrupt(
+            f"store key {kv.key}: {loc}: {first['msg']} (expected a {model.__name__} record)"
+        ) from None
+
+
+def encode(record: BaseModel) -> bytes:
+    return record.model_dump_json().encode()
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    revision: int
+    cluster: ClusterSpec | None
+    packages: dict[str, PackageSpec]
+    nodes: dict[str, NodeRecord]  # nodes that are up (lease alive)
+    owners: dict[str, str]  # package -> node
+    owner_revisions: dict[str, int]  # package -> mod_revision of the owner key (fencing token)
+    status: dict[str, PackageStatus]
+    admin: dict[str, AdminRecord]
+    raw_revisions: dict[str, int] = field(default_factory=dict)  # key -> mod_revision
+
+    def admin_of(self, pkg: str) -> AdminRecord:
+        return self.admin.get(pkg) or AdminRecord(auto_run=self._auto_run_default(pkg))
+
+    def status_of(self, pkg: str) -> PackageStatus:
+        return self.status.get(pkg) or PackageStatus()
+
+    def _auto_run_default(self, pkg: str) -> bool:
+        spec = self.packages.get(pkg)
+        return spec.auto_run if spec else True
+
+
+async def read_snapshot(store: Store, keys: Keys) -> Snapshot:
+    res = await store.txn(
+        [],
+        [
+            Get(keys.root + "config/", prefix=True),
+            Get(keys.nodes, prefix=True),
+            Get(keys.owners, prefix=True),
+            Get(keys.statuses, prefix=True),
+            Get(keys.admins, prefix=True),
+        ],
+    )
+    config_kvs, node_kvs, owner_kvs, status_kvs, admin_kvs = (
+        r if isinstance(r, list) else [] for r in res.responses
+    )
+    cluster = None
+    packages: dict[str, PackageSpec] = {}
+    raw: dict[str, int] = {}
+    for kv in config_kvs:
+        raw[kv.key] = kv.mod_revision
+        if kv.key == keys.config_cluster:
+            cluster = decode(ClusterSpec, kv)
+        elif kv.key.startswith(keys.config_packages):
+            spec = decode(PackageSpec, kv)
+            packages[spec.name] = spec
+    nodes = {keys.leaf(kv.key): decode(NodeRecord, kv) for kv in node_kvs}
+    owners: dict[str, str] = {}
+    owner_revs: dict[str, int] = {}
+    for kv in owner_kvs:
+        owners[keys.leaf(kv.key)] = kv.value.decode()
+        owner_revs[keys.leaf(kv.key)] = kv.mod_revision
+    status: dict[str, PackageStatus] = {}
+    for kv in status_kvs:
+        raw[kv.key] = kv.mod_revision
+        status[keys.leaf(kv.key)] = decode(PackageStatus, kv)
+    admin: dict[str, AdminRecord] = {}
+    for kv in admin_kvs:
+        raw[kv.key] = kv.mod_revision
+        admin[keys.leaf(kv.key)] = decode(AdminRecord, kv)
+    return Snapshot(
+        revision=res.revision,
+        cluster=cluster,
+        packages=packages,
+        nodes=nodes,
+        owners=owners,
+        owner_revisions=owner_revs,
+        status=status,
+        admin=admin,
+        raw_revisions=raw,
+    )
+
+
+def loads_json(kv: KeyValue) -> object:
+    try:
+        return json.loads(kv.value)
+    except ValueError:
+        raise StoreCorrupt(f"store key {kv.key}: not valid JSON") from None

@@ -1,0 +1,88 @@
+"""Run a command to completion with a timeout: the part monitors and scripts share."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from vigil.errors import SpawnError
+from vigil.supervise.spawner import Child, describe_exit, spawn, terminate_group, wait_group_gone
+
+if TYPE_CHECKING:
+    from vigil.supervise.sentinel import ProcessRegistry
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    """How a command ended. ``exit_code`` is None only if it could not be started
+    (``error`` says why); after a timeout it is the status the kill produced."""
+
+    exit_code: int | None
+    timed_out: bool
+    duration: float
+    error: str | None = None
+
+    def describe(self, timeout: float | None = None) -> str:
+        if self.error is not None:
+            return self.error
+        if self.timed_out:
+            return f"timed out after {timeout:g}s" if timeout is not None else "timed out"
+        return describe_exit(self.exit_code)
+
+
+async def run_command(
+    argv: Sequence[str],
+    *,
+    env: Mapping[str, str],
+    timeout: float | None,
+    log_path: str | Path | None = None,
+    registry: ProcessRegistry | None = None,
+    kill_grace: float = 3.0,
+    cwd: str | Path | None = None,
+    user: str | None = None,
+) -> CommandResult:
+    """Run ``argv`` in its own process group and wait for it, at most ``timeout`` s.
+
+    On timeout the group gets SIGTERM, then SIGKILL after ``kill_grace`` s. Processes the
+    command leaves behind in its group when it exits are terminated the same way. If
+    the caller is cancelled, the group is killed before the cancellation propagates.
+    """
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    try:
+        child = spawn(argv, env=env, cwd=cwd, user=user, log_path=log_path)
+    except SpawnError as exc:
+        return CommandResult(None, False, loop.time() - t0, str(exc))
+    if registry is not None:
+        registry.add(child)
+    timed_out = False
+    gone: bool | None = None
+    try:
+        try:
+            async with asyncio.timeout(timeout):
+                await child.wait()
+        except TimeoutError:
+            timed_out = True
+        # Timed out, or exited leaving processes in its group: the same treatment.
+        gone = await terminate_group(child, kill_grace)
+    finally:
+        if gone is None:  # cancelled (or failed) on the way
+            gone = await _kill_on_the_way_out(child)
+        if registry is not None and gone:
+            registry.remove(child)  # survivors of SIGKILL stay known to the sentinel
+    return CommandResult(child.returncode, timed_out, loop.time() - t0)
+
+
+async def _kill_on_the_way_out(child: Child) -> bool:
+    """SIGKILL the group and reap the leader, even if the caller is being cancelled."""
+    child.signal_group(signal.SIGKILL)
+    task = asyncio.ensure_future(wait_group_gone(child, 2.0))
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await asyncio.wait([task])  # finish reaping, then let the cancellation go on
+        raise

@@ -1,0 +1,433 @@
+"""No service process outlives the agent, even an agent killed with SIGKILL.
+
+Three layers, from fastest to last resort:
+
+1. every leader is spawned with ``PR_SET_PDEATHSIG = SIGKILL`` (see ``spawner``);
+2. the **sentinel**, a small process in its own session started with
+   ``python -m vigil.supervise.sentinel``, reads ``+PGID START`` / ``-PGID`` lines from a
+   pipe whose only writer is the agent. When the pipe reaches EOF (the agent exited
+   or died) it SIGKILLs every process group it still knows and exits;
+3. the **state file** (JSON, replaced atomically) records the live groups with their
+   leaders' start times; :func:`cleanup_leftovers`, run by the next agent at start,
+   kills whatever is left of them (found by scanning ``/proc/*/stat`` for the group,
+   so grandchildren whose leader is gone are found too).
+
+The state file is not fsync'ed on purpose: processes do not survive a reboot, so it
+only has to survive the agent, and the page cache does that.
+
+:class:`ProcessRegistry` is what the agent uses: ``add(child)`` / ``remove(child)``
+update both the sentinel and the state file.
+
+This module imports only the standard library and ``procfs`` at the top: the
+sentinel process runs it as ``__main__``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from vigil.supervise import procfs
+
+if TYPE_CHECKING:
+    from vigil.supervise.spawner import Child
+
+log = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+_MAX_SENTINEL_RESTARTS = 5
+
+
+# --------------------------------------------------------------------------- state file
+
+
+@dataclass(frozen=True)
+class RecordedGroup:
+    pgid: int
+    start: int | None  # leader start time (field 22 of /proc/PID/stat)
+    command: str = ""
+
+
+@dataclass(frozen=True)
+class ProcessState:
+    """What a state file holds: the agent that wrote it and its live process groups."""
+
+    agent_pid: int | None
+    agent_start: int | None
+    groups: tuple[RecordedGroup, ...]
+
+
+def write_state(state_file: Path, groups: Iterable[RecordedGroup]) -> None:
+    """Replace ``state_file`` atomically (tmp + rename) with this agent's groups."""
+    me = os.getpid()
+    data = {
+        "version": STATE_VERSION,
+        "agent_pid": me,
+        "agent_start": procfs.start_time(me),
+        "groups": [{"pgid": g.pgid, "start": g.start, "command": g.command} for g in groups],
+    }
+    tmp = state_file.with_name(f".{state_file.name}.{me}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f)
+        f.write("\n")
+    os.replace(tmp, state_file)
+
+
+def read_state(state_file: Path) -> ProcessState | None:
+    """The recorded state, or None if there is no file. A file vigil cannot read is
+    reported in the log and treated as holding nothing."""
+    try:
+        with open(state_file, encoding="utf-8") as f:
+            raw: Any = json.load(f)
+        groups = tuple(
+            RecordedGroup(
+                pgid=int(g["pgid"]),
+                start=None if g.get("start") is None else int(g["start"]),
+                command=str(g.get("command", "")),
+            )
+            for g in raw["groups"]
+        )
+        agent_pid = raw.get("agent_pid")
+        agent_start = raw.get("agent_start")
+        return ProcessState(
+            agent_pid=None if agent_pid is None else int(agent_pid),
+            agent_start=None if agent_start is None else int(agent_start),
+            groups=groups,
+        )
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        log.error("%s: cannot read the process state file (%s); ignoring it", state_file, exc)
+        return ProcessState(None, None, ())
+
+
+def kill_groups(groups: Iterable[RecordedGroup]) -> list[int]:
+    """SIGKILL every recorded group that still has live processes; return their pgids.
+
+    Groups whose number was reused (a leader PID with another start time) and this
+    process's own group are left alone.
+    """
+    wanted = {g.pgid: g for g in groups if g.pgid > 1 and g.pgid != os.getpgrp()}
+    if not wanted:
+        return []
+    live: set[int] = {st.pgrp for st in procfs.iter_stats() if st.pgrp in wanted and not st.dead}
+    killed = []
+    for pgid in sorted(live):
+        if not procfs.leader_matches(pgid, wanted[pgid].start):
+            continue
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            continue
+        except PermissionError as exc:
+            log.error("cannot kill process group %d: %s", pgid, exc.strerror)
+            continue
+        killed.append(pgid)
+    return killed
+
+
+def cleanup_leftovers(state_file: Path) -> list[int]:
+    """Kill what a previous agent left behind (per ``state_file``); return the pgids.
+
+    Run once at agent start, before the new registry writes the file. The file is
+    removed afterwards. If the agent that wrote it is still running, nothing is
+    killed (two agents on one state directory is a setup error, logged as such).
+    """
+    state = read_state(state_file)
+    if state is None:
+        return []
+    if (
+        state.agent_pid is not None
+        and state.agent_pid != os.getpid()
+        and procfs.pid_alive(state.agent_pid)
+        and procfs.start_time(state.agent_pid) == state.agent_start
+    ):
+        log.error(
+            "%s belongs to agent pid %d, which is still running; not touching its processes",
+            state_file,
+            state.agent_pid,
+        )
+        return []
+    killed = kill_groups(state.groups)
+    for pgid in killed:
+        log.warning("killed leftover process group %d of a previous agent", pgid)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(state_file)
+    return killed
+
+
+# --------------------------------------------------------------------------- agent side
+
+
+class Sentinel:
+    """The agent's handle on the sentinel process and the write end of its pipe."""
+
+    def __init__(self, child: Child, fd: int) -> None:
+        self.child = child
+        self._fd: int | None = fd
+
+    @classmethod
+    def start(cls, state_file: Path, *, log_path: str | Path | None = None) -> Sentinel:
+        """Start ``python -m vigil.supervise.sentinel STATE_FILE AGENT_PID`` in its own
+        session."""
+        from vigil.supervise.spawner import spawn
+
+        src = str(Path(__file__).resolve().parents[2])  # the directory holding "vigil"
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
+        read_fd, write_fd = os.pipe()  # both close-on-exec
+        try:
+            child = spawn(
+                [
+                    sys.executable,
+                    "-m",
+                    "vigil.supervise.sentinel",
+                    str(state_file),
+                    str(os.getpid()),
+                ],
+                env=env,
+                log_path=log_path,
+                stdin=read_fd,
+                die_with_parent=False,  # it must outlive us: that is its whole point
+            )
+        except BaseException:
+            os.close(write_fd)
+            raise
+        finally:
+            os.close(read_fd)
+        return cls(child, write_fd)
+
+    @property
+    def pid(self) -> int:
+        return self.child.pid
+
+    def send(self, line: str) -> None:
+        """Write one line; raises BrokenPipeError if the sentinel is gone."""
+        if self._fd is None:
+            raise BrokenPipeError("the sentinel pipe is closed")
+        data = (line + "\n").encode()
+        while data:
+            n = os.write(self._fd, data)
+            data = data[n:]
+
+    def close(self, wait: float = 2.0) -> bool:
+        """Close the pipe (the sentinel kills what it still knows and exits) and reap it,
+        blocking up to ``wait`` s. True if it exited."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        deadline = time.monotonic() + wait
+        while self.child.poll() is None:
+            if time.monotonic() >= deadline:
+                log.warning("the sentinel (pid %d) did not exit; killing it", self.pid)
+                self.child.kill_group_now()
+                return False
+            time.sleep(0.002)
+        return True
+
+
+@dataclass
+class _Entry:
+    child: Child
+    start: int | None
+    on_kill: Callable[[], None] | None
+
+
+class ProcessRegistry:
+    """The process groups the agent has alive, mirrored to the sentinel and the state file.
+
+    ``ProcessRegistry()`` (no state file, no sentinel) only keeps the list, which is
+    what tests and one-shot commands want.
+    """
+
+    def __init__(self, state_file: Path | None = None, sentinel: Sentinel | None = None) -> None:
+        self.state_file = state_file
+        self.sentinel = sentinel
+        self._entries: dict[int, _Entry] = {}
+        self._reaping: set[Child] = set()
+        self._sentinel_restarts = 0
+        self._sentinel_log: str | Path | None = None
+        if state_file is not None:
+            self._write_state()
+
+    @classmethod
+    def start(cls, state_file: Path, *, log_path: str | Path | None = None) -> ProcessRegistry:
+        """A registry with a sentinel and a state file (run :func:`cleanup_leftovers`
+        on the same file first)."""
+        reg = cls(state_file, Sentinel.start(state_file, log_path=log_path))
+        reg._sentinel_log = log_path
+        return reg
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, pgid: object) -> bool:
+        return pgid in self._entries
+
+    def pgids(self) -> list[int]:
+        return sorted(self._entries)
+
+    def add(self, child: Child, *, on_kill: Callable[[], None] | None = None) -> None:
+        """Record ``child``'s group. ``on_kill`` is called if :meth:`kill_all` kills it
+        (a supervisor uses it to know that it must not restart)."""
+        self._reap_some()
+        start = child.start_time
+        self._entries[child.pgid] = _Entry(child, start, on_kill)
+        self._write_state()
+        self._send(f"+{child.pgid} {start if start is not None else 0}")
+
+    def remove(self, child: Child) -> None:
+        """Forget ``child``'s group (call it once the group is empty)."""
+        self._reap_some()
+        entry = self._entries.get(child.pgid)
+        if entry is None or entry.child is not child:
+            return
+        del self._entries[child.pgid]
+        self._write_state()
+        self._send(f"-{child.pgid}")
+
+    def kill_all(self, only: Iterable[int] | None = None) -> list[int]:
+        """SIGKILL every known group (or those in ``only``) now, without waiting; for
+        fencing and emergencies. Returns the pgids signalled."""
+        wanted = set(self._entries) if only is None else set(only) & set(self._entries)
+        killed = []
+        for pgid in sorted(wanted):
+            entry = self._entries.pop(pgid)
+            if entry.on_kill is not None:
+                try:
+                    entry.on_kill()
+                except Exception:
+                    log.exception("on_kill callback for process group %d failed", pgid)
+            entry.child.signal_group(signal.SIGKILL)
+            killed.append(pgid)
+            self._reaping.add(entry.child)
+            self._send(f"-{pgid}")
+        if killed:
+            self._write_state()
+        self._reap_some()
+        return killed
+
+    def close(self, wait: float = 2.0) -> None:
+        """Kill whatever is still registered, stop the sentinel and reap (blocks up to
+        about ``wait`` s; for agent shutdown)."""
+        self.kill_all()
+        if self.sentinel is not None:
+            self.sentinel.close(wait)
+            self.sentinel = None
+        deadline = time.monotonic() + wait
+        while self._reaping and time.monotonic() < deadline:
+            self._reap_some()
+            if self._reaping:
+                time.sleep(0.002)
+
+    # ----------------------------------------------------------------- internals
+
+    def _reap_some(self) -> None:
+        for child in list(self._reaping):
+            if child.poll() is not None:
+                self._reaping.discard(child)
+
+    def _write_state(self) -> None:
+        if self.state_file is None:
+            return
+        groups = [
+            RecordedGroup(pgid, e.start, e.child.argv[0] if e.child.argv else "")
+            for pgid, e in sorted(self._entries.items())
+        ]
+        try:
+            write_state(self.state_file, groups)
+        except OSError as exc:
+            log.error("cannot write %s: %s", self.state_file, exc)
+
+    def _send(self, line: str) -> None:
+        if self.sentinel is None:
+            return
+        try:
+            self.sentinel.send(line)
+            return
+        except OSError as exc:
+            log.error("the sentinel (pid %d) is gone (%s)", self.sentinel.pid, exc)
+        self.sentinel.close(wait=0.5)
+        self.sentinel = None
+        if self.state_file is None or self._sentinel_restarts >= _MAX_SENTINEL_RESTARTS:
+            log.error("running without a sentinel: processes may outlive a killed agent")
+            return
+        self._sentinel_restarts += 1
+        from vigil.errors import SpawnError
+
+        try:
+            sentinel = Sentinel.start(self.state_file, log_path=self._sentinel_log)
+            for pgid, e in self._entries.items():
+                sentinel.send(f"+{pgid} {e.start if e.start is not None else 0}")
+        except (SpawnError, OSError) as exc:
+            log.error("cannot restart the sentinel: %s", exc)
+            return
+        self.sentinel = sentinel
+        log.warning("restarted the sentinel (pid %d)", sentinel.pid)
+
+
+# --------------------------------------------------------------------------- sentinel side
+
+
+def parse_line(line: str, groups: dict[int, int | None]) -> None:
+    """Apply one ``+PGID [START]`` / ``-PGID`` line to ``groups`` (bad lines are ignored)."""
+    line = line.strip()
+    if len(line) < 2 or line[0] not in "+-":
+        return
+    parts = line[1:].split()
+    try:
+        pgid = int(parts[0])
+        start = int(parts[1]) if len(parts) > 1 and int(parts[1]) > 0 else None
+    except ValueError:
+        return
+    if line[0] == "+":
+        groups[pgid] = start
+    else:
+        groups.pop(pgid, None)
+
+
+def _recorded(groups: Mapping[int, int | None]) -> list[RecordedGroup]:
+    return [RecordedGroup(pgid, start) for pgid, start in groups.items()]
+
+
+def main(argv: list[str]) -> int:
+    """The sentinel: follow the pipe on stdin, kill everything at EOF."""
+    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)  # only EOF (or SIGKILL) ends the sentinel
+    state_file = Path(argv[0]) if argv else None
+    # The agent's PID comes from the command line: by the time this runs the agent may
+    # already be dead, and getppid() would name whoever adopted us.
+    agent = int(argv[1]) if len(argv) > 1 else os.getppid()
+    groups: dict[int, int | None] = {}
+    stdin = sys.stdin.buffer
+    for raw in stdin:
+        parse_line(raw.decode("ascii", "replace"), groups)
+    # EOF: the agent has closed the pipe, exited or died.
+    killed = kill_groups(_recorded(groups))
+    if state_file is not None:
+        state = read_state(state_file)
+        if state is not None and state.agent_pid == agent:
+            killed += [p for p in kill_groups(state.groups) if p not in killed]
+            with contextlib.suppress(OSError):
+                os.unlink(state_file)
+    if killed:
+        print(
+            f"vigil sentinel: agent {agent} is gone; killed process groups "
+            + " ".join(map(str, sorted(killed))),
+            file=sys.stderr,
+            flush=True,
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,94 @@
+"""The cluster as an operator sees it, derived from one snapshot. Pure.
+
+This is the shape of ``vigil status --json`` (CONCEPTS §9)::
+
+    {"cluster": NAME, "revision": INT,
+     "nodes": {NAME: {"state": "up"|"down"|"halted", "pid": INT|null}},
+     "packages": {NAME: {"state": ..., "node": NAME|null, "auto_run": bool,
+                         "halt_reason": ..., "degraded": bool, ...,
+                         "services": {NAME: {"pid": INT|null, "restarts": INT}}}}}
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vigil.model import ACTIVE_STATES, NodeState, PackageState
+from vigil.snapshot import Snapshot
+
+
+def package_state(snap: Snapshot, pkg: str) -> tuple[PackageState, str | None, str]:
+    """(state, node, message) as shown to operators.
+
+    A package whose status says it is active on a node that no longer holds its owner
+    key (the node died, its lease expired, its processes were fenced) is shown halted.
+    """
+    st = snap.status_of(pkg)
+    owner = snap.owners.get(pkg)
+    if st.state in ACTIVE_STATES and owner != st.node:
+        return PackageState.HALTED, None, f"node {st.node} is down; its processes were fenced"
+    node = st.node if st.state in ACTIVE_STATES or st.state is PackageState.FAILED else None
+    return st.state, node, st.message
+
+
+def cluster_view(snap: Snapshot) -> dict[str, Any]:
+    known = set(snap.nodes)
+    if snap.cluster and snap.cluster.nodes:
+        known |= set(snap.cluster.nodes)
+    for st in snap.status.values():
+        if st.node:
+            known.add(st.node)
+    nodes: dict[str, Any] = {}
+    for name in sorted(known):
+        rec = snap.nodes.get(name)
+        node_state = NodeState.UP if rec else NodeState.DOWN
+        nodes[name] = {
+            "state": node_state.value,
+            "pid": rec.pid if rec else None,
+            "packages": sorted(p for p, n in snap.owners.items() if n == name),
+        }
+    packages: dict[str, Any] = {}
+    for pkg in sorted(set(snap.packages) | set(snap.status)):
+        spec = snap.packages.get(pkg)
+        st = snap.status_of(pkg)
+        admin = snap.admin_of(pkg)
+        state, node, message = package_state(snap, pkg)
+        live = state in ACTIVE_STATES
+        packages[pkg] = {
+            "state": state.value,
+            "node": node,
+            "auto_run": admin.auto_run,
+            "halt_reason": st.halt_reason.value if st.halt_reason else None,
+            "start_reason": st.start_reason.value if st.start_reason and live else None,
+            "degraded": st.degraded if live else False,
+            "maintenance": admin.maintenance,
+            "disabled_nodes": list(admin.disabled_nodes),
+            "configured": spec is not None,
+            "message": message,
+            "since": st.since,
+            "restarts": st.restarts,
+            "services": {
+                name: {
+                    "pid": s.pid if live else None,
+                    "restarts": s.restarts,
+                    "state": s.state if live else "stopped",
+                }
+                for name, s in st.services.items()
+            }
+            if live
+            else {s.name: {"pid": None, "restarts": 0, "state": "stopped"} for s in spec.service}
+            if spec
+            else {},
+            "monitors": {
+                name: {"status": m.status, "failures": m.failures}
+                for name, m in st.monitors.items()
+            }
+            if live
+            else {},
+        }
+    return {
+        "cluster": snap.cluster.name if snap.cluster else None,
+        "revision": snap.revision,
+        "nodes": nodes,
+        "packages": packages,
+    }

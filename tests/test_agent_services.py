@@ -1,0 +1,158 @@
+"""Services, monitors and the agent's own death, on a real agent with real processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from vigil.supervise.procfs import iter_stats, pid_alive
+from vigil.testing.cluster import LocalCluster
+
+pytestmark = pytest.mark.slow
+
+
+def web(c: LocalCluster, service: str, extra: str = "") -> None:
+    c.write_package(f'name = "web"\n{extra}\n[[service]]\nname = "main"\n{service}')
+
+
+def service_pid(c: LocalCluster) -> int:
+    pid = c.package("web")["services"]["main"]["pid"]
+    assert isinstance(pid, int)
+    return pid
+
+
+def children_of(pid: int) -> list[int]:
+    return [st.pid for st in iter_stats() if st.ppid == pid and not st.dead]
+
+
+def test_killed_service_is_restarted_then_budget_spent_fails(cluster: LocalCluster) -> None:
+    web(cluster, 'command = ["sleep", "1000"]\nrestart = 2\nrestart_window = "1m"\n')
+    cluster.apply()
+    cluster.start_agents()
+    cluster.wait_state("web", "running")
+    for expected in (1, 2):
+        pid = service_pid(cluster)
+        os.kill(pid, signal.SIGKILL)
+        cluster.wait(
+            lambda v, n=expected: v["packages"]["web"]["services"]["main"]["restarts"] == n,
+            what=f"restart #{expected}",
+        )
+    status = cluster.status_json()["packages"]["web"]
+    assert status["services"]["main"]["restarts"] == 2
+    assert status["services"]["main"]["pid"] not in (None, pid)
+    assert status["state"] == "running"
+    # the budget is spent: the next crash halts the package with reason failure
+    os.kill(service_pid(cluster), signal.SIGKILL)
+    p = cluster.wait_state("web", "failed")
+    assert p["halt_reason"] == "failure"
+    assert "service main failed" in p["message"]
+    assert p["disabled_nodes"] == ["node1"]
+    events = cluster.vigil("events", "--json").stdout.splitlines()
+    assert any('"to_state": "failed"' in e for e in events)
+
+
+def test_halt_timeout_kills_whole_group_that_ignores_sigterm(cluster: LocalCluster) -> None:
+    # the shell ignores SIGTERM and so does its child: only SIGKILL ends them
+    web(
+        cluster,
+        'command = ["sh", "-c", "trap \\"\\" TERM; sleep 1000 & wait; sleep 1000"]\n'
+        'halt_timeout = "1s"\n',
+    )
+    cluster.apply()
+    cluster.start_agents()
+    cluster.wait_state("web", "running")
+    leader = service_pid(cluster)
+    cluster.wait(lambda v: len(children_of(leader)) == 1, what="the grandchild")
+    grandchild = children_of(leader)[0]
+    started = time.monotonic()
+    cluster.vigil("package", "halt", "web", "--wait", "--timeout", "20")
+    assert time.monotonic() - started >= 1.0  # it waited halt_timeout before SIGKILL
+    assert not pid_alive(leader)
+    assert not pid_alive(grandchild)
+    assert cluster.package("web")["state"] == "halted"
+
+
+def test_agent_sigkill_leaves_nothing_then_recovers(cluster: LocalCluster) -> None:
+    web(cluster, 'command = ["sh", "-c", "sleep 1000 & wait"]\n')
+    cluster.apply()
+    cluster.start_agents()
+    cluster.wait_state("web", "running")
+    leader = service_pid(cluster)
+    cluster.wait(lambda v: len(children_of(leader)) == 1, what="the grandchild")
+    grandchild = children_of(leader)[0]
+    cluster.kill_agent("node1", signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while (pid_alive(leader) or pid_alive(grandchild)) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not pid_alive(leader), "service outlived its agent"
+    assert not pid_alive(grandchild), "the service's child outlived the agent"
+    # started again, the agent recovers the package
+    cluster.start_agent("node1")
+    p = cluster.wait(
+        lambda v: v["packages"]["web"]["state"] == "running"
+        and v["packages"]["web"]["services"]["main"]["pid"] not in (None, leader),
+        timeout=20,
+    )["packages"]["web"]
+    assert p["node"] == "node1"
+
+
+def test_monitor_degraded_and_restart_action(cluster: LocalCluster) -> None:
+    flag = cluster.root / "health"
+    flag.write_text("3")
+    web(
+        cluster,
+        'command = ["sleep", "1000"]\n',
+        extra="restart_limit = 1\n"
+        f'[[monitor]]\nname = "probe"\ncommand = ["sh", "-c", "exit $(cat {flag})"]\n'
+        'interval = "100ms"\ntimeout = "2s"\nfailures = 2\naction = "restart"\n',
+    )
+    cluster.apply()
+    cluster.start_agents()
+    cluster.wait(lambda v: v["packages"]["web"]["degraded"] is True, what="degraded")
+    table = cluster.vigil("status").stdout
+    assert "degraded" in table
+    first = service_pid(cluster)
+    flag.write_text("1")  # failing: restart in place once (restart_limit = 1) ...
+    p = cluster.wait(
+        lambda v: v["packages"]["web"]["restarts"] == 1
+        and v["packages"]["web"]["state"] == "running",
+        what="restart in place",
+    )["packages"]["web"]
+    assert p["services"]["main"]["pid"] != first
+    # ... then the limit is reached: the package fails (no other node)
+    p = cluster.wait_state("web", "failed", timeout=20)
+    assert "restart_limit 1 reached" in p["message"]
+
+
+def test_maintenance_stops_monitoring(cluster: LocalCluster) -> None:
+    flag = cluster.root / "health"
+    runs = cluster.root / "runs"
+    flag.write_text("0")
+    web(
+        cluster,
+        'command = ["sleep", "1000"]\n',
+        extra=f'[[monitor]]\nname = "probe"\n'
+        f'command = ["sh", "-c", "echo x >> {runs}; exit $(cat {flag})"]\n'
+        'interval = "100ms"\nfailures = 1\naction = "failover"\n',
+    )
+    cluster.apply()
+    cluster.start_agents()
+    cluster.wait_state("web", "running")
+    cluster.wait(lambda v: runs.exists(), what="the monitor to run")
+    cluster.vigil("package", "maintenance", "web", "--wait")
+    assert cluster.status_json()["packages"]["web"]["state"] == "maintenance"
+    flag.write_text("1")
+    # no monitoring in maintenance: the probe does not run for 10 of its intervals
+    seen = runs.read_text().count("x")
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:
+        assert runs.read_text().count("x") <= seen + 1  # one run may have been in flight
+        time.sleep(0.05)
+    assert cluster.package("web")["state"] == "maintenance"
+    # leaving maintenance, monitoring resumes and the failing probe acts
+    cluster.vigil("package", "maintenance", "web", "--off")
+    p = cluster.wait_state("web", "failed")
+    assert "monitor probe failed" in p["message"]

@@ -1,0 +1,145 @@
+"""The per-node decision function: pure, tested on hand-made snapshots."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vigil.agent.decide import LocalPackage, Verb, after_start_failure, decide, node_order
+from vigil.config import ClusterSpec, PackageSpec
+from vigil.model import AdminRecord, HaltReason, NodeRecord, PackageState, PackageStatus
+from vigil.snapshot import Snapshot
+
+
+def snap(
+    packages: list[PackageSpec],
+    up: list[str],
+    *,
+    owners: dict[str, str] | None = None,
+    status: dict[str, PackageStatus] | None = None,
+    admin: dict[str, AdminRecord] | None = None,
+    cluster: dict[str, Any] | None = None,
+) -> Snapshot:
+    return Snapshot(
+        revision=1,
+        cluster=ClusterSpec(name="c", store="memory://", **(cluster or {})),
+        packages={p.name: p for p in packages},
+        nodes={n: NodeRecord(name=n, pid=1) for n in up},
+        owners=owners or {},
+        owner_revisions={p: 1 for p in (owners or {})},
+        status=status or {},
+        admin=admin or {},
+    )
+
+
+def pkg(name: str = "web", **kw: Any) -> PackageSpec:
+    return PackageSpec(name=name, **kw)
+
+
+def test_first_up_node_in_preference_order_starts_it() -> None:
+    s = snap([pkg(nodes=["b", "a"])], up=["a", "b"])
+    assert [d.verb for d in decide(s, "b", {})] == [Verb.START]
+    assert decide(s, "a", {}) == []
+
+
+def test_star_means_every_node_by_name() -> None:
+    s = snap([pkg()], up=["n2", "n1"])
+    assert node_order(s.packages["web"], s) == ["n1", "n2"]
+    d = decide(s, "n1", {})
+    assert d[0].verb is Verb.START
+    assert d[0].start_reason is not None and d[0].start_reason.value == "boot"
+
+
+def test_owned_elsewhere_is_left_alone() -> None:
+    s = snap([pkg()], up=["n1", "n2"], owners={"web": "n2"})
+    assert decide(s, "n1", {}) == []
+
+
+def test_auto_run_off_failed_and_maintenance_do_not_start() -> None:
+    for admin, status in [
+        (AdminRecord(auto_run=False), None),
+        (AdminRecord(maintenance=True), None),
+        (AdminRecord(), PackageStatus(state=PackageState.FAILED, node="n1")),
+        (AdminRecord(), PackageStatus(state=PackageState.HALT_FAILED, node="n1")),
+    ]:
+        s = snap([pkg()], up=["n1"], admin={"web": admin}, status={"web": status} if status else {})
+        assert decide(s, "n1", {}) == [], (admin, status)
+
+
+def test_node_switching_off_skips_node() -> None:
+    s = snap([pkg()], up=["n1", "n2"], admin={"web": AdminRecord(disabled_nodes=("n1",))})
+    assert decide(s, "n1", {}) == []
+    assert decide(s, "n2", {})[0].verb is Verb.START
+
+
+def test_failover_reason_and_cluster_failover_off() -> None:
+    st = PackageStatus(state=PackageState.HALTED, node="n1", halt_reason=HaltReason.FAILURE)
+    s = snap([pkg()], up=["n2"], status={"web": st})
+    d = decide(s, "n2", {})
+    assert d[0].start_reason is not None and d[0].start_reason.value == "failover"
+    off = snap([pkg()], up=["n2"], status={"web": st}, cluster={"failover": "off"})
+    assert decide(off, "n2", {}) == []
+
+
+def test_held_package_halt_clear_release_maintenance() -> None:
+    running = LocalPackage(PackageState.RUNNING, maintenance=False, cleared_generation=0)
+    s = snap(
+        [pkg()], up=["n1"], owners={"web": "n1"}, admin={"web": AdminRecord(halt_requested=True)}
+    )
+    d = decide(s, "n1", {"web": running})
+    assert d[0].verb is Verb.HALT and d[0].halt_reason is HaltReason.USER_HALT
+
+    failed = LocalPackage(PackageState.HALT_FAILED, maintenance=False, cleared_generation=0)
+    s = snap(
+        [pkg()], up=["n1"], owners={"web": "n1"}, admin={"web": AdminRecord(clear_generation=1)}
+    )
+    assert decide(s, "n1", {"web": failed})[0].verb is Verb.CLEAR
+    s = snap([pkg()], up=["n1"], owners={"web": "n1"})
+    assert decide(s, "n1", {"web": failed}) == []
+
+    s = snap([pkg()], up=["n1"], owners={"web": "n1"}, admin={"web": AdminRecord(maintenance=True)})
+    assert decide(s, "n1", {"web": running})[0].verb is Verb.MAINTENANCE_ON
+
+    s = snap([], up=["n1"], owners={"web": "n1"})
+    assert decide(s, "n1", {"web": running})[0].verb is Verb.HALT
+
+
+def test_busy_package_gets_no_decision() -> None:
+    starting = LocalPackage(PackageState.STARTING, maintenance=False, cleared_generation=0)
+    s = snap(
+        [pkg()], up=["n1"], owners={"web": "n1"}, admin={"web": AdminRecord(halt_requested=True)}
+    )
+    assert decide(s, "n1", {"web": starting}) == []
+
+
+def test_up_dependency_waits() -> None:
+    web = pkg("web", dependency=[{"package": "db", "condition": "up", "location": "same_node"}])
+    db = pkg("db")
+    s = snap([web, db], up=["n1"])
+    verbs = {d.package: d.verb for d in decide(s, "n1", {})}
+    assert verbs == {"db": Verb.START, "web": Verb.WAIT}
+    running_db = PackageStatus(state=PackageState.RUNNING, node="n1")
+    s = snap([web, db], up=["n1"], owners={"db": "n1"}, status={"db": running_db})
+    assert [d.verb for d in decide(s, "n1", {})] == [Verb.START]
+
+
+def test_min_package_node() -> None:
+    a = pkg("a", failover_policy="min_package_node")
+    s = snap([a, pkg("b")], up=["n1", "n2"], owners={"b": "n1"})
+    assert decide(s, "n2", {})[0].package == "a"
+    assert [d.package for d in decide(s, "n1", {})] == []
+
+
+def test_after_start_failure_table() -> None:
+    spec = pkg()
+    one = snap([spec], up=["n1"])
+    two = snap([spec], up=["n1", "n2"])
+    # exit 1 / timeout: global switching off, failed
+    r = after_start_failure(spec, AdminRecord(), two, "n1", failover=False)
+    assert r.state is PackageState.FAILED and r.admin.auto_run is False
+    # exit 2 with another node: node switching off here, halted for n2 to take
+    r = after_start_failure(spec, AdminRecord(), two, "n1", failover=True)
+    assert r.state is PackageState.HALTED and r.admin.disabled_nodes == ("n1",)
+    assert r.admin.auto_run is True
+    # exit 2 alone: failed
+    r = after_start_failure(spec, AdminRecord(), one, "n1", failover=True)
+    assert r.state is PackageState.FAILED and r.admin.disabled_nodes == ("n1",)
