@@ -28,6 +28,8 @@ monitor (``true`` every ``10s``, so N/10 monitor commands per second in all).
     they were forked), in % of one core. Reported separately, not part of the target;
   - **sentinel**: RSS and CPU of the sentinel process (the child of vigild running
     ``-m vigil.supervise.sentinel``);
+  - **store writes**: the store's revision before and after the window (one read of
+    the store at each end), in writes per second: what the idle agent writes;
   - the agent's log growth (LocalCluster runs ``vigild --log-level debug``).
 
 Targets printed beside the figures: agent RSS < 100 MB (the largest VmRSS sample of the
@@ -45,7 +47,6 @@ import argparse
 import contextlib
 import os
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -250,7 +251,10 @@ def run(args: argparse.Namespace) -> int:
         )
         host = benchlib.host_info()
         time.sleep(args.settle)  # let start-up work (first monitor runs, status writes) end
+        rev0 = cluster.view()["revision"]
         m = measure(agent_pid, sentinel_pid, args.window, cluster.logs / f"{NODE}.log")
+        rev1 = cluster.view()["revision"]
+        m["store_writes_per_s"] = round((rev1 - rev0) / m["window_s"], 2)
 
         # still all running? (one read of the store, after the window)
         final = cluster.view()["packages"]
@@ -322,6 +326,7 @@ def print_table(r: dict[str, Any]) -> None:
          f"{r['monitor_runs_per_s_expected']:g} runs/s"),
         ("sentinel RSS", f"{s['rss_mb_max']} MB" if s["rss_mb_max"] is not None else "n/a", ""),
         ("sentinel CPU", f"{s['cpu_pct']} %" if s["cpu_pct"] is not None else "n/a", ""),
+        ("store writes during the window", f"{r['store_writes_per_s']:g} /s", ""),
         ("agent log growth (debug level)", f"{a['log_bytes_per_min'] / 1000:.1f} kB/min", ""),
         ("window", f"{r['window_s']:.1f} s, {r['samples']} samples", ""),
     ]  # fmt: skip
@@ -331,9 +336,9 @@ def print_table(r: dict[str, Any]) -> None:
 
 def cleanup(work: Path, cluster: Any, procs: list[Proc], *, keep: bool) -> None:
     """Stop the agent (it halts its packages), kill whatever of its processes is left,
-    remove the directory. Runs on every exit path; Ctrl-C is ignored while it runs."""
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
+    remove the directory. Runs on every exit path; Ctrl-C and SIGTERM are ignored
+    while it runs."""
+    with benchlib.signals_ignored():
         if cluster is not None:
             try:
                 cluster.close()
@@ -349,8 +354,6 @@ def cleanup(work: Path, cluster: Any, procs: list[Proc], *, keep: bool) -> None:
             print(f"bench: kept {work}", file=sys.stderr)
         else:
             shutil.rmtree(work, ignore_errors=True)
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def main() -> int:

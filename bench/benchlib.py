@@ -194,14 +194,30 @@ class Interrupted(Exception):
     """SIGTERM or SIGHUP arrived: unwind through the ``finally`` blocks and clean up."""
 
 
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 def raise_on_termination() -> None:
-    """Turn SIGTERM / SIGHUP into an exception (SIGINT already raises KeyboardInterrupt)."""
+    """Turn SIGTERM / SIGHUP into :class:`Interrupted` and SIGINT into KeyboardInterrupt
+    (even when SIGINT was inherited as ignored, as for ``cmd &`` in a script)."""
 
     def handler(signum: int, _frame: object) -> None:
         raise Interrupted(signal.Signals(signum).name)
 
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def signals_ignored() -> Iterator[None]:
+    """Ignore SIGINT / SIGTERM / SIGHUP inside the block (clean-up must run to its end)."""
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in _STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def require_vigil() -> None:

@@ -57,6 +57,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -110,9 +111,9 @@ while True:
 # --------------------------------------------------------------------------- the program
 
 
-def build_program(work: Path) -> tuple[list[str], str]:
+def build_program(work: Path, force_python: bool) -> tuple[list[str], str]:
     """The announcing program's argv prefix (the socket path is appended) and its kind."""
-    gcc = shutil.which("gcc") or shutil.which("cc")
+    gcc = None if force_python else shutil.which("gcc") or shutil.which("cc")
     if gcc:
         src = work / "announce.c"
         exe = work / "announce"
@@ -125,7 +126,8 @@ def build_program(work: Path) -> tuple[list[str], str]:
         print(f"bench: {gcc} failed, using Python instead:\n{proc.stderr}", file=sys.stderr)
     script = work / "announce.py"
     script.write_text(PY_SOURCE)
-    return [sys.executable, "-S", str(script)], f"Python ({sys.executable} -S), gcc not found"
+    why = "--python given" if force_python else "gcc not found"
+    return [sys.executable, "-S", str(script)], f"Python ({sys.executable} -S; {why})"
 
 
 @dataclass
@@ -202,7 +204,6 @@ nodaemon = true
 logfile = {v(work / "supervisord.log")}
 pidfile = {v(work / "supervisord.pid")}
 childlogdir = {v(work)}
-directory = {v(work)}
 
 [program:{SERVICE}]
 command = {v(command)}
@@ -210,8 +211,6 @@ autostart = true
 autorestart = true
 startsecs = 0
 startretries = 1000000
-stdout_logfile = {v(work / "program-supervisord.log")}
-redirect_stderr = true
 """
     )
     return conf
@@ -230,7 +229,7 @@ def supervisord_bin() -> str:
 # --------------------------------------------------------------------------- the run
 
 
-def first_announcement(side: Side, timeout: float, diagnose: Any) -> None:
+def first_announcement(side: Side, timeout: float, diagnose: Callable[[], str]) -> None:
     a = side.receive(timeout)
     if a is None:
         raise RuntimeError(
@@ -314,7 +313,7 @@ def run(args: argparse.Namespace) -> int:
     socks: list[socket.socket] = []
     warnings: list[str] = []
     try:
-        argv, kind = build_program(work)
+        argv, kind = build_program(work, args.python)
         sock_vigil, sock_sv = work / "vigil.sock", work / "supervisord.sock"
         vigil = Side("vigil", open_socket(sock_vigil))
         sv = Side("supervisord", open_socket(sock_sv))
@@ -435,20 +434,20 @@ def run(args: argparse.Namespace) -> int:
 
 def print_table(r: dict[str, Any]) -> None:
     cols = ("p50", "p95", "p99", "max", "mean", "min")
-    print(f"{'':14}" + "".join(f"{c:>10}" for c in cols) + f"{'samples':>9}{'missed':>8}")
+    print(f"{'':14}" + "".join(f"{c:>13}" for c in cols) + f"{'samples':>9}{'missed':>8}")
     for name in ("vigil", "supervisord"):
         row = r[name]
         print(
             f"{name:14}"
-            + "".join(f"{row[c]:>7.2f} ms" for c in cols)
+            + "".join(f"{row[c]:>10.2f} ms" for c in cols)
             + f"{row['samples']:>9}{row['missed']:>8}"
         )
     rt = r["ratio_supervisord_over_vigil"]
 
     def fmt(x: float | None) -> str:
-        return f"{x:>9.1f}x" if x is not None else f"{'n/a':>10}"
+        return f"{x:>12.1f}x" if x is not None else f"{'n/a':>13}"
 
-    print(f"{'sv / vigil':14}{fmt(rt['p50'])}{'':10}{fmt(rt['p99'])}")
+    print(f"{'sv / vigil':14}{fmt(rt['p50'])}{'':13}{fmt(rt['p99'])}")
     print(
         f"vigil restart count: {r['vigil']['restarts_reported']} reported, "
         f"{r['vigil']['restarts_expected']} expected; state {r['vigil']['state']}"
@@ -464,9 +463,8 @@ def cleanup(
     keep: bool,
 ) -> None:
     """Stop the agent and supervisord, kill any program left, remove the directory.
-    Runs on every exit path; a second Ctrl-C while it runs is ignored."""
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
+    Runs on every exit path; Ctrl-C and SIGTERM are ignored while it runs."""
+    with benchlib.signals_ignored():
         if cluster is not None:
             try:
                 cluster.close()  # SIGTERM: vigild halts the package, then exits
@@ -493,8 +491,6 @@ def cleanup(
             print(f"bench: kept {work}", file=sys.stderr)
         else:
             shutil.rmtree(work, ignore_errors=True)
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def main() -> int:
@@ -506,6 +502,9 @@ def main() -> int:
     )
     p.add_argument(
         "--give-up", type=float, default=30.0, help="a restart slower than this is missed (30 s)"
+    )
+    p.add_argument(
+        "--python", action="store_true", help="use the Python program even if gcc is there"
     )
     p.add_argument("--output", type=Path, default=None, help=f"default results/{NAME}.json")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")

@@ -144,3 +144,43 @@ def test_demo_runs_and_stops_cleanly(tmp_path: Path) -> None:
     log = (tmp_path / "demo" / "logs" / "node1.log").read_text()
     assert "Traceback" not in log
     assert "left cluster demo" in log
+
+
+def test_events_follow_shows_new_changes(cluster: LocalCluster) -> None:
+    cluster.write_package('name = "web"\n[[service]]\nname = "s"\ncommand = ["sleep", "1000"]\n')
+    cluster.apply()
+    cluster.start_agents()
+    cluster.wait_state("web", "running")
+    follow = subprocess.Popen(
+        [VIGIL, "events", "--follow", "--json", "--last", "1"],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=cluster.env(),
+    )
+    assert follow.stdout is not None
+    try:
+        first = json.loads(follow.stdout.readline())  # the newest past event: it is following
+        assert first["to_state"] == "running"
+        cluster.vigil("package", "halt", "web", "--wait")
+        seen = [json.loads(follow.stdout.readline()) for _ in range(2)]
+    finally:
+        follow.kill()
+        follow.wait()
+        follow.stdout.close()
+    assert [(e["from_state"], e["to_state"]) for e in seen] == [
+        ("running", "halting"),
+        ("halting", "halted"),
+    ]
+    assert seen[1]["reason"] == "halt requested"
+    assert seen[1]["package"] == "web" and seen[1]["node"] == "node1"
+
+
+def test_vigild_rejects_bad_node_name(tmp_path: Path) -> None:
+    vigild = str(Path(sys.executable).with_name("vigild"))
+    proc = subprocess.run(
+        [vigild, "--node", "Bad Node", "--config", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    one_line_error(proc, 2, "--node: expected a name matching")

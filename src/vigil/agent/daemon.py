@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from vigil.agent.node import Agent
-from vigil.config import load_cluster
+from vigil.config import NAME_RE, load_cluster
 from vigil.errors import VigilError
 from vigil.store import open_store
 
@@ -81,6 +81,13 @@ async def run_agent(config_dir: Path, node: str, state_dir: Path | None) -> int:
 def main(node: str | None, config_dir: Path, state_dir: Path | None, log_level: str) -> None:
     """Run the vigil agent of one node."""
     node = node or socket.gethostname().split(".")[0]
+    if not NAME_RE.match(node):
+        click.echo(
+            f"vigild: error: --node: expected a name matching [a-z0-9][a-z0-9_.-]{{0,62}}, "
+            f"got {node!r}",
+            err=True,
+        )
+        sys.exit(2)
     setup_logging(node, log_level)
     try:
         code = asyncio.run(run_agent(config_dir.resolve(), node, state_dir))

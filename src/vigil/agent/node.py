@@ -115,6 +115,7 @@ class Agent:
         self._events_written = 0
         self._last_event_ns = 0
         self.left_cluster = False  # set by fence_node: the agent exits instead of rejoining
+        self._claiming: set[str] = set()  # packages whose START is between decision and claim
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -306,8 +307,10 @@ class Agent:
             held = self.held.get(d.package)
             if held is not None and held.busy is not None:
                 continue
-            if d.verb is Verb.WAIT:
+            if d.verb is Verb.WAIT or d.package in self._claiming:
                 continue
+            if d.verb is Verb.START:
+                self._claiming.add(d.package)
             log.info("package %s: %s (%s)", d.package, d.verb.value, d.reason)
             self._launch(d.package, self._carry_out(d, snap))
 
@@ -382,6 +385,12 @@ class Agent:
         )
 
     async def _start(self, pkg: str, reason: StartReason, snap: Snapshot) -> None:
+        try:
+            await self._claim_and_start(pkg, reason, snap)
+        finally:
+            self._claiming.discard(pkg)
+
+    async def _claim_and_start(self, pkg: str, reason: StartReason, snap: Snapshot) -> None:
         spec = snap.packages[pkg]
         old = snap.status_of(pkg)
         ctx = self._context(spec, reason, old.node)
@@ -495,12 +504,12 @@ class Agent:
     ) -> bool:
         """Write the final status and give the owner key back, in one fenced txn."""
         held = self.held[pkg]
+        old = held.state
         held.state = state
         held.message = why
         held.since = time.time()
         status = self._status(pkg, held)
         status = status.model_copy(update={"services": {}, "monitors": {}, "degraded": False})
-        old = self.snapshot.status_of(pkg).state if self.snapshot else None
         res = await self.store.txn(
             [Compare.mod_revision(self.keys.owner(pkg), held.owner_rev), *(compares or [])],
             [
