@@ -38,6 +38,9 @@ checks that ``vigil status`` (``LocalCluster.view()``) shows the restart count a
 pid of the last announced process. A table, then one JSON line, are printed; the same
 figures (plus every sample) are written to ``bench/results/restart_latency.json``.
 
+supervisord restarts take about a second each (see docs/benchmarks.md), so a round
+takes ~1.3 s: about 4.5 minutes for 200 crashes.
+
 Everything (agent, supervisord, the program) is stopped and the temporary directory
 removed at the end, also on Ctrl-C or an error (``--keep`` keeps the directory).
 """
@@ -292,15 +295,15 @@ def ms(ns: float) -> float:
 
 def stats_ms(side: Side) -> dict[str, Any]:
     s = benchlib.summary([x / 1e6 for x in side.samples_ns])
-    out: dict[str, Any] = {
-        k: (round(v, 3) if isinstance(v, float) else v) for k, v in s.items() if k != "count"
+    out: dict[str, Any] = {  # no samples: None, not NaN (which is not JSON)
+        k: (round(v, 3) if v == v else None) for k, v in s.items() if k != "count"
     }
     out.update(samples=int(s["count"]), late=side.late, missed=side.missed, stale=side.stale)
     return out
 
 
-def ratio(a: float, b: float) -> float | None:
-    return round(a / b, 2) if b > 0 and a == a and b == b else None
+def ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 2) if a is not None and b is not None and b > 0 else None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -439,7 +442,7 @@ def print_table(r: dict[str, Any]) -> None:
         row = r[name]
         print(
             f"{name:14}"
-            + "".join(f"{row[c]:>10.2f} ms" for c in cols)
+            + "".join(f"{row[c]:>10.2f} ms" if row[c] is not None else f"{'-':>13}" for c in cols)
             + f"{row['samples']:>9}{row['missed']:>8}"
         )
     rt = r["ratio_supervisord_over_vigil"]

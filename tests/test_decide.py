@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
-from vigil.agent.decide import LocalPackage, Verb, after_start_failure, decide, node_order
+from vigil.agent.decide import LocalPackage, Verb, after_start_failure, decide
 from vigil.config import ClusterSpec, PackageSpec
-from vigil.model import AdminRecord, HaltReason, NodeRecord, PackageState, PackageStatus
+from vigil.model import (
+    AdminRecord,
+    Assignment,
+    HaltReason,
+    NodeRecord,
+    PackageState,
+    PackageStatus,
+    StartReason,
+)
+from vigil.plan.planner import node_order, plan
 from vigil.snapshot import Snapshot
 
 
@@ -18,8 +28,10 @@ def snap(
     status: dict[str, PackageStatus] | None = None,
     admin: dict[str, AdminRecord] | None = None,
     cluster: dict[str, Any] | None = None,
+    assignments: dict[str, Assignment] | None = None,
+    planned: bool = True,
 ) -> Snapshot:
-    return Snapshot(
+    s = Snapshot(
         revision=1,
         cluster=ClusterSpec(name="c", store="memory://", **(cluster or {})),
         packages={p.name: p for p in packages},
@@ -28,7 +40,11 @@ def snap(
         owner_revisions={p: 1 for p in (owners or {})},
         status=status or {},
         admin=admin or {},
+        assignments=assignments or {},
     )
+    if planned and assignments is None:  # what the controller would have assigned
+        s = dataclasses.replace(s, assignments=plan(s, 0.0).assignments)
+    return s
 
 
 def pkg(name: str = "web", **kw: Any) -> PackageSpec:
@@ -115,8 +131,9 @@ def test_up_dependency_waits() -> None:
     web = pkg("web", dependency=[{"package": "db", "condition": "up", "location": "same_node"}])
     db = pkg("db")
     s = snap([web, db], up=["n1"])
-    verbs = {d.package: d.verb for d in decide(s, "n1", {})}
-    assert verbs == {"db": Verb.START, "web": Verb.WAIT}
+    assert [(d.package, d.verb) for d in decide(s, "n1", {})] == [("db", Verb.START)]
+    assert s.assignments["web"].node is None
+    assert s.assignments["web"].reason.startswith("start_wait: needs db up on same node")
     running_db = PackageStatus(state=PackageState.RUNNING, node="n1")
     s = snap([web, db], up=["n1"], owners={"db": "n1"}, status={"db": running_db})
     assert [d.verb for d in decide(s, "n1", {})] == [Verb.START]
@@ -143,3 +160,32 @@ def test_after_start_failure_table() -> None:
     # exit 2 alone: failed
     r = after_start_failure(spec, AdminRecord(), one, "n1", failover=True)
     assert r.state is PackageState.FAILED and r.admin.disabled_nodes == ("n1",)
+
+
+def test_no_assignment_no_start() -> None:
+    s = snap([pkg()], up=["n1"], planned=False)
+    assert decide(s, "n1", {}) == []
+
+
+def test_assignment_is_checked_again_on_fresh_data() -> None:
+    a = {"web": Assignment(node="n1", reason="boot on n1", start_reason=StartReason.BOOT)}
+    assert decide(snap([pkg()], up=["n1"], assignments=a), "n1", {})[0].verb is Verb.START
+    # the package got switched off after the controller planned: no start
+    off = {"web": AdminRecord(auto_run=False)}
+    assert decide(snap([pkg()], up=["n1"], assignments=a, admin=off), "n1", {}) == []
+    disabled = {"web": AdminRecord(disabled_nodes=("n1",))}
+    assert decide(snap([pkg()], up=["n1"], assignments=a, admin=disabled), "n1", {}) == []
+
+
+def test_held_package_assigned_elsewhere_halts() -> None:
+    running = LocalPackage(PackageState.RUNNING, maintenance=False, cleared_generation=0)
+    a = {
+        "web": Assignment(
+            node="n2", reason="failback to preferred node n2", halt_reason=HaltReason.AUTOMATIC_HALT
+        )
+    }
+    s = snap([pkg()], up=["n1", "n2"], owners={"web": "n1"}, assignments=a)
+    d = decide(s, "n1", {"web": running})
+    assert d[0].verb is Verb.HALT
+    assert d[0].halt_reason is HaltReason.AUTOMATIC_HALT
+    assert d[0].reason == "failback to preferred node n2"

@@ -68,6 +68,24 @@ class Keys:
     def event(self, time_ns: int, node: str) -> str:
         return f"{self.events}{time_ns:020d}.{node}"
 
+    @property
+    def controller(self) -> str:
+        return self.root + "controller"
+
+    @property
+    def assignments(self) -> str:
+        return self.root + "assign/"
+
+    def assignment(self, pkg: str) -> str:
+        return self.assignments + pkg
+
+    @property
+    def node_admins(self) -> str:
+        return self.root + "nodeadmin/"
+
+    def node_admin(self, node: str) -> str:
+        return self.node_admins + node
+
     def leaf(self, key: str) -> str:
         """The last path element of ``key`` (a package or node name)."""
         return key.rsplit("/", 1)[-1]

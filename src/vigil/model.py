@@ -117,6 +117,27 @@ class AdminRecord(_Record):
     start_node: str | None = None
 
 
+class Assignment(_Record):
+    """``assign/PKG``: where the controller wants the package (``node`` None = halted).
+
+    Written only by the controller, fenced on its leader key. Agents still check
+    every precondition on fresh data before they start anything.
+    """
+
+    node: str | None
+    reason: str = ""
+    start_reason: StartReason | None = None
+    halt_reason: HaltReason | None = None
+    since: float = 0.0  # wall-clock time this placement was first decided
+
+
+class NodeAdmin(_Record):
+    """``nodeadmin/NODE``: an operator's ``vigil node halt`` (``halted``) and how."""
+
+    halted: bool = False
+    mode: str = "failover"  # failover | detach
+
+
 class Event(_Record):
     """``events/...``: one state change, as shown by ``vigil events``."""
 

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ValidationError
 from vigil.config import ClusterSpec, PackageSpec
 from vigil.errors import StoreCorrupt
 from vigil.keys import Keys
-from vigil.model import AdminRecord, NodeRecord, PackageStatus
+from vigil.model import AdminRecord, Assignment, NodeAdmin, NodeRecord, PackageStatus
 from vigil.store import Get, KeyValue, Store
 
 M = TypeVar("M", bound=BaseModel)
@@ -47,9 +47,17 @@ class Snapshot:
     status: dict[str, PackageStatus]
     admin: dict[str, AdminRecord]
     raw_revisions: dict[str, int] = field(default_factory=dict)  # key -> mod_revision
+    assignments: dict[str, Assignment] = field(default_factory=dict)
+    node_admin: dict[str, NodeAdmin] = field(default_factory=dict)
+    controller: str | None = None
+    controller_revision: int = 0  # create_revision of the leader key: the controller's token
 
     def admin_of(self, pkg: str) -> AdminRecord:
         return self.admin.get(pkg) or AdminRecord(auto_run=self._auto_run_default(pkg))
+
+    def node_halted(self, node: str) -> bool:
+        na = self.node_admin.get(node)
+        return na is not None and na.halted
 
     def status_of(self, pkg: str) -> PackageStatus:
         return self.status.get(pkg) or PackageStatus()
@@ -68,11 +76,21 @@ async def read_snapshot(store: Store, keys: Keys) -> Snapshot:
             Get(keys.owners, prefix=True),
             Get(keys.statuses, prefix=True),
             Get(keys.admins, prefix=True),
+            Get(keys.assignments, prefix=True),
+            Get(keys.node_admins, prefix=True),
+            Get(keys.controller),
         ],
     )
-    config_kvs, node_kvs, owner_kvs, status_kvs, admin_kvs = (
-        r if isinstance(r, list) else [] for r in res.responses
-    )
+    (
+        config_kvs,
+        node_kvs,
+        owner_kvs,
+        status_kvs,
+        admin_kvs,
+        assign_kvs,
+        nodeadmin_kvs,
+        controller_kvs,
+    ) = (r if isinstance(r, list) else [] for r in res.responses)
     cluster = None
     packages: dict[str, PackageSpec] = {}
     raw: dict[str, int] = {}
@@ -97,8 +115,22 @@ async def read_snapshot(store: Store, keys: Keys) -> Snapshot:
     for kv in admin_kvs:
         raw[kv.key] = kv.mod_revision
         admin[keys.leaf(kv.key)] = decode(AdminRecord, kv)
+    assignments: dict[str, Assignment] = {}
+    for kv in assign_kvs:
+        raw[kv.key] = kv.mod_revision
+        assignments[keys.leaf(kv.key)] = decode(Assignment, kv)
+    node_admin: dict[str, NodeAdmin] = {}
+    for kv in nodeadmin_kvs:
+        raw[kv.key] = kv.mod_revision
+        node_admin[keys.leaf(kv.key)] = decode(NodeAdmin, kv)
+    controller = controller_kvs[0].value.decode() if controller_kvs else None
+    controller_rev = controller_kvs[0].create_revision if controller_kvs else 0
     return Snapshot(
         revision=res.revision,
+        assignments=assignments,
+        node_admin=node_admin,
+        controller=controller,
+        controller_revision=controller_rev,
         cluster=cluster,
         packages=packages,
         nodes=nodes,

@@ -25,8 +25,19 @@ def package_state(snap: Snapshot, pkg: str) -> tuple[PackageState, str | None, s
     """
     st = snap.status_of(pkg)
     owner = snap.owners.get(pkg)
+    target = snap.assignments.get(pkg)
     if st.state in ACTIVE_STATES and owner != st.node:
+        if owner is None and target is not None and target.reason.startswith("start_wait"):
+            return PackageState.START_WAIT, None, target.reason
         return PackageState.HALTED, None, f"node {st.node} is down; its processes were fenced"
+    if owner is None and target is not None and target.reason.startswith("start_wait"):
+        return PackageState.START_WAIT, None, target.reason
+    if (
+        st.state is PackageState.RUNNING
+        and target is not None
+        and target.reason.startswith("halt_wait")
+    ):
+        return PackageState.HALT_WAIT, st.node, target.reason
     node = st.node if st.state in ACTIVE_STATES or st.state is PackageState.FAILED else None
     return st.state, node, st.message
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from vigil.config import PackageSpec
 from vigil.model import AdminRecord, HaltReason, PackageState, PackageStatus, StartReason
+from vigil.plan.planner import eligible_nodes
 from vigil.snapshot import Snapshot
 
 
@@ -46,78 +47,18 @@ class LocalPackage:
     cleared_generation: int
 
 
-def node_order(spec: PackageSpec, snapshot: Snapshot) -> list[str]:
-    """The package's node preference list with ``*`` expanded (every known node, by name)."""
-    known = set(snapshot.nodes)
-    if snapshot.cluster and snapshot.cluster.nodes:
-        known |= set(snapshot.cluster.nodes)
-    order: list[str] = []
-    for entry in spec.nodes:
-        names = sorted(known) if entry == "*" else [entry]
-        order.extend(n for n in names if n not in order)
-    return order
-
-
-def eligible_nodes(
-    spec: PackageSpec, admin: AdminRecord, snapshot: Snapshot, exclude: str | None = None
-) -> list[str]:
-    """Up nodes, in preference order, where the package may run (node switching on)."""
-    return [
-        n
-        for n in node_order(spec, snapshot)
-        if n in snapshot.nodes and n not in admin.disabled_nodes and n != exclude
-    ]
-
-
-def _running_on(snapshot: Snapshot, pkg: str) -> str | None:
-    st = snapshot.status.get(pkg)
-    owner = snapshot.owners.get(pkg)
-    if st and owner and st.state == PackageState.RUNNING and st.node == owner:
-        return owner
-    return None
-
-
-def _unmet_dependency(spec: PackageSpec, node: str, snapshot: Snapshot) -> str | None:
-    for dep in spec.dependency:
-        where = _running_on(snapshot, dep.package)
-        if dep.condition == "up":
-            ok = where is not None and (
-                dep.location == "any_node"
-                or (dep.location == "same_node" and where == node)
-                or (dep.location == "different_node" and where != node)
-            )
-        else:
-            ok = where is None or (
-                (dep.location == "same_node" and where != node)
-                or (dep.location == "different_node" and where == node)
-            )
-        if not ok:
-            return f"dependency {dep.package} {dep.condition} on {dep.location.replace('_', ' ')}"
-    return None
-
-
-def _pick_node(spec: PackageSpec, nodes: list[str], snapshot: Snapshot) -> str:
-    if spec.failover_policy == "min_package_node":
-        load = {n: 0 for n in nodes}
-        for owner in snapshot.owners.values():
-            if owner in load:
-                load[owner] += 1
-        return min(nodes, key=lambda n: (load[n], nodes.index(n)))
-    return nodes[0]
-
-
 def start_reason(status: PackageStatus, node: str) -> StartReason:
     if status.node is None:
         return StartReason.BOOT
-    if status.node != node:
-        return StartReason.FAILOVER
     if status.halt_reason == HaltReason.USER_HALT:
         return StartReason.USER
+    if status.node != node:
+        return StartReason.FAILOVER
     return StartReason.BOOT
 
 
 def _decide_held(
-    pkg: str, local: LocalPackage, snapshot: Snapshot, admin: AdminRecord
+    pkg: str, node: str, local: LocalPackage, snapshot: Snapshot, admin: AdminRecord
 ) -> Decision | None:
     if local.state in (PackageState.STARTING, PackageState.HALTING):
         return None
@@ -133,6 +74,17 @@ def _decide_held(
         )
     if admin.halt_requested:
         return Decision(pkg, Verb.HALT, "halt requested", halt_reason=HaltReason.USER_HALT)
+    if local.state is PackageState.RUNNING and snapshot.node_halted(node):
+        return Decision(pkg, Verb.HALT, f"node {node} halted by an operator",
+                        halt_reason=HaltReason.USER_HALT)  # fmt: skip
+    target = snapshot.assignments.get(pkg)
+    if local.state is PackageState.RUNNING and target is not None and target.node != node:
+        return Decision(
+            pkg,
+            Verb.HALT,
+            target.reason,
+            halt_reason=target.halt_reason or HaltReason.AUTOMATIC_HALT,
+        )
     if admin.maintenance and not local.maintenance:
         return Decision(pkg, Verb.MAINTENANCE_ON, "maintenance requested")
     if not admin.maintenance and local.maintenance:
@@ -141,32 +93,20 @@ def _decide_held(
 
 
 def _decide_free(pkg: str, node: str, snapshot: Snapshot, admin: AdminRecord) -> Decision | None:
+    """Start a package held by nobody when the controller assigned it here, after
+    checking its preconditions again (the assignment may be a moment old)."""
     spec = snapshot.packages.get(pkg)
-    if spec is None or pkg in snapshot.owners:
+    target = snapshot.assignments.get(pkg)
+    if spec is None or pkg in snapshot.owners or target is None or target.node != node:
         return None
     status = snapshot.status_of(pkg)
     if status.state in (PackageState.FAILED, PackageState.HALT_FAILED):
         return None
     if not admin.auto_run or admin.maintenance or admin.halt_requested:
         return None
-    cluster = snapshot.cluster
-    if (
-        cluster is not None
-        and cluster.failover == "off"
-        and status.node is not None
-        and status.node != node
-        and status.halt_reason != HaltReason.USER_HALT
-    ):
+    if node not in eligible_nodes(spec, admin, snapshot):
         return None
-    nodes = eligible_nodes(spec, admin, snapshot)
-    if admin.start_node is not None:
-        nodes = [n for n in nodes if n == admin.start_node]
-    if not nodes or _pick_node(spec, nodes, snapshot) != node:
-        return None
-    unmet = _unmet_dependency(spec, node, snapshot)
-    if unmet:
-        return Decision(pkg, Verb.WAIT, f"waiting for {unmet}")
-    reason = start_reason(status, node)
+    reason = target.start_reason or start_reason(status, node)
     return Decision(pkg, Verb.START, f"{reason.value} on {node}", start_reason=reason)
 
 
@@ -177,7 +117,7 @@ def decide(snapshot: Snapshot, node: str, local: Mapping[str, LocalPackage]) -> 
         admin = snapshot.admin_of(pkg)
         held = local.get(pkg)
         d = (
-            _decide_held(pkg, held, snapshot, admin)
+            _decide_held(pkg, node, held, snapshot, admin)
             if held is not None
             else _decide_free(pkg, node, snapshot, admin)
         )

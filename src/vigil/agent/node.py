@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import json
 import logging
 import os
 import time
@@ -46,6 +48,7 @@ from vigil.model import (
     PackageStatus,
     StartReason,
 )
+from vigil.plan.planner import plan
 from vigil.snapshot import Snapshot, encode, read_snapshot
 from vigil.store import Compare, Delete, Op, Put, Store
 from vigil.supervise.monitor import MonitorVerdict
@@ -227,8 +230,20 @@ class Agent:
         self._tasks = []
 
     async def _shutdown(self) -> None:
-        """vigild was asked to stop: halt what runs here, then leave the cluster."""
+        """vigild was asked to stop: halt what runs here, then leave the cluster.
+
+        Reconciling stops first, so nothing is started again while packages halt; the
+        lease is kept alive (and status written) until every halt has finished.
+        """
         self._stopping = True
+        for t in self._tasks:
+            if t.get_name() in ("watch", "reconcile"):
+                t.cancel()
+        with contextlib.suppress(StoreError):
+            await self.store.txn(
+                [Compare.value_is(self.keys.controller, self.node.encode())],
+                [Delete(self.keys.controller)],
+            )
         for h in self.held.values():
             if h.busy is not None:
                 with contextlib.suppress(Exception):
@@ -282,15 +297,34 @@ class Agent:
     async def _watch(self) -> None:
         _, rev = await self.store.range(self.keys.config_cluster)
         self._trigger.set()
+        seen: dict[str, tuple[object, ...]] = {}
         while True:
             try:
                 async for ev in self.store.watch(self.keys.root, rev):
                     rev = ev.revision
-                    if not ev.key.startswith(self.keys.events):
+                    if self._matters(ev.key, ev.value, seen):
                         self._trigger.set()
             except Compacted:
                 _, rev = await self.store.range(self.keys.config_cluster)
+                seen.clear()
                 self._trigger.set()
+
+    def _matters(self, key: str, value: bytes, seen: dict[str, tuple[object, ...]]) -> bool:
+        """Whether a store change can change a decision. Events never do; a status
+        write only when the state, node or degraded flag changed (service restart
+        counts and monitor details are for operators)."""
+        if key.startswith(self.keys.events):
+            return False
+        if key.startswith(self.keys.statuses) and value:
+            try:
+                data = json.loads(value)
+                summary: tuple[object, ...] = (data.get("state"), data.get("node"))
+            except (ValueError, AttributeError):
+                return True
+            if seen.get(key) == summary:
+                return False
+            seen[key] = summary
+        return True
 
     async def _reconcile_loop(self) -> None:
         while True:
@@ -299,7 +333,21 @@ class Agent:
             await self.reconcile()
 
     async def reconcile(self) -> None:
+        if self._stopping:
+            return
         snap = await read_snapshot(self.store, self.keys)
+        if snap.controller is None:
+            res = await self.store.txn(
+                [Compare.absent(self.keys.controller), Compare.exists(self.keys.node(self.node))],
+                [Put(self.keys.controller, self.node.encode(), lease=self.lease)],
+            )
+            if res.succeeded:
+                log.info(
+                    "node %s is now the controller of cluster %s", self.node, self.cluster.name
+                )
+                snap = await read_snapshot(self.store, self.keys)
+        if snap.controller == self.node:
+            snap = await self._control(snap)
         self.snapshot = snap
         self._check_ownership(snap)
         local = {p: h.local() for p, h in self.held.items()}
@@ -313,6 +361,33 @@ class Agent:
                 self._claiming.add(d.package)
             log.info("package %s: %s (%s)", d.package, d.verb.value, d.reason)
             self._launch(d.package, self._carry_out(d, snap))
+
+    async def _control(self, snap: Snapshot) -> Snapshot:
+        """As the controller: plan from this snapshot and write the assignments that
+        changed, fenced on the leader key. Returns the snapshot as written."""
+        result = plan(snap, time.time())
+        ops: list[Op] = []
+        for pkg, a in result.assignments.items():
+            if snap.assignments.get(pkg) != a:
+                ops.append(Put(self.keys.assignment(pkg), encode(a)))
+        gone = [p for p in snap.assignments if p not in snap.packages]
+        ops += [Delete(self.keys.assignment(p)) for p in gone]
+        if not ops:
+            return snap
+        res = await self.store.txn(
+            [
+                Compare(self.keys.controller, "create", "==", snap.controller_revision),
+                Compare.value_is(self.keys.controller, self.node.encode()),
+            ],
+            ops,
+        )
+        if not res.succeeded:
+            log.warning("controller: lost the leader key; not writing the plan")
+            return snap
+        for action in result.actions:
+            if snap.assignments.get(action.package) != result.assignments.get(action.package):
+                log.info("controller: %s", action)
+        return dataclasses.replace(snap, assignments=result.assignments, revision=res.revision)
 
     def _check_ownership(self, snap: Snapshot) -> None:
         for pkg, h in list(self.held.items()):
