@@ -157,16 +157,19 @@ def test_registry_keeps_state_file_and_sentinel_in_step(tmp_path: Path) -> None:
             b = spawn(["sleep", "1000"], env=ENV)
             reg.add(a)
             reg.add(b)
-            recorded = read_state(state)
-            assert recorded is not None and recorded.agent_pid == os.getpid()
-            assert {(g.pgid, g.start) for g in recorded.groups} == {
-                (a.pgid, a.start_time),
-                (b.pgid, b.start_time),
-            }
+
+            def recorded_groups() -> set[tuple[int, int | None]] | None:
+                recorded = read_state(state)
+                if recorded is None or recorded.agent_pid != os.getpid():
+                    return None
+                return {(g.pgid, g.start) for g in recorded.groups}
+
+            # the state file follows within STATE_WRITE_DELAY (writes are batched)
+            both = {(a.pgid, a.start_time), (b.pgid, b.start_time)}
+            await wait_until(lambda: recorded_groups() == both, 2)
             assert await a.terminate_group(5)
             reg.remove(a)
-            recorded = read_state(state)
-            assert recorded is not None and [g.pgid for g in recorded.groups] == [b.pgid]
+            await wait_until(lambda: recorded_groups() == {(b.pgid, b.start_time)}, 2)
 
             # The sentinel dies: the next change starts a new one and replays the groups.
             os.kill(sentinel, signal.SIGKILL)

@@ -53,10 +53,13 @@ def cluster_view(snap: Snapshot) -> dict[str, Any]:
     for name in sorted(known):
         rec = snap.nodes.get(name)
         node_state = NodeState.UP if rec else NodeState.DOWN
+        if rec and snap.node_halted(name):
+            node_state = NodeState.HALTED
         nodes[name] = {
             "state": node_state.value,
             "pid": rec.pid if rec else None,
             "packages": sorted(p for p, n in snap.owners.items() if n == name),
+            "controller": snap.controller == name,
         }
     packages: dict[str, Any] = {}
     for pkg in sorted(set(snap.packages) | set(snap.status)):

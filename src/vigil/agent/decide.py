@@ -26,6 +26,8 @@ class Verb(enum.StrEnum):
     RELEASE = "release"  # a halted package held by this node: give the owner key back
     MAINTENANCE_ON = "maintenance_on"
     MAINTENANCE_OFF = "maintenance_off"
+    DETACH = "detach"  # node halted with --detach: keep running, stop watching
+    ATTACH = "attach"  # node started again: watch again
     WAIT = "wait"  # would start here, but an `up` dependency is not met yet
 
 
@@ -74,7 +76,14 @@ def _decide_held(
         )
     if admin.halt_requested:
         return Decision(pkg, Verb.HALT, "halt requested", halt_reason=HaltReason.USER_HALT)
-    if local.state is PackageState.RUNNING and snapshot.node_halted(node):
+    node_admin = snapshot.node_admin.get(node)
+    if local.state is PackageState.DETACHED:
+        if node_admin is not None and node_admin.halted:
+            return None
+        return Decision(pkg, Verb.ATTACH, f"node {node} started again")
+    if local.state is PackageState.RUNNING and node_admin is not None and node_admin.halted:
+        if node_admin.mode == "detach":
+            return Decision(pkg, Verb.DETACH, f"node {node} halted with --detach")
         return Decision(pkg, Verb.HALT, f"node {node} halted by an operator",
                         halt_reason=HaltReason.USER_HALT)  # fmt: skip
     target = snapshot.assignments.get(pkg)

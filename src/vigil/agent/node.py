@@ -57,6 +57,10 @@ from vigil.supervise.sentinel import ProcessRegistry, cleanup_leftovers
 log = logging.getLogger("vigil.agent")
 
 EVENTS_KEPT = 2000
+# The sentinel fences at this fraction of node_timeout after the last renewal was sent;
+# the agent itself gives up renewing at FENCE_SELF (earlier, so it usually acts first).
+FENCE_SELF = 0.6
+FENCE_AT = 0.8
 STATUS_FLUSH_INTERVAL = 0.05
 
 
@@ -119,6 +123,7 @@ class Agent:
         self._last_event_ns = 0
         self.left_cluster = False  # set by fence_node: the agent exits instead of rejoining
         self._claiming: set[str] = set()  # packages whose START is between decision and claim
+        self._background: set[asyncio.Task[None]] = set()  # see _abandon
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -169,7 +174,9 @@ class Agent:
         ttl = self.cluster.node_timeout
         record = encode(NodeRecord(name=self.node, pid=os.getpid()))
         deadline = time.monotonic() + 2 * ttl + 1
+        granted = time.monotonic()
         self.lease = await self.store.lease_grant(ttl)
+        self._arm(granted)
         while True:
             key = self.keys.node(self.node)
             res = await self.store.txn(
@@ -184,7 +191,9 @@ class Agent:
                     "(another vigild with this --node is running)"
                 )
             # a previous incarnation's lease has not expired yet; keep ours alive meanwhile
+            sent = time.monotonic()
             await self.store.lease_keepalive(self.lease)
+            self._arm(sent)
             await asyncio.sleep(0.1)
         log.info("node %s joined cluster %s (lease %x)", self.node, self.cluster.name, self.lease)
         await self._adopt_stale_statuses()
@@ -250,7 +259,11 @@ class Agent:
                     await h.busy
         for pkg in list(self.held):
             h = self.held[pkg]
-            if h.state in (PackageState.RUNNING, PackageState.MAINTENANCE):
+            if h.state in (
+                PackageState.RUNNING,
+                PackageState.MAINTENANCE,
+                PackageState.DETACHED,
+            ):
                 await self._halt(pkg, HaltReason.USER_HALT, "node agent stopping")
         await self._flush_dirty()
         with contextlib.suppress(StoreError):
@@ -258,6 +271,13 @@ class Agent:
         log.info("node %s left cluster %s", self.node, self.cluster.name)
 
     # ------------------------------------------------------------------ lease
+
+    def _arm(self, renewed_at: float) -> None:
+        """The lease was renewed by a request sent at ``renewed_at``: it cannot expire
+        before renewed_at + ttl. The sentinel kills every package process if no newer
+        renewal is reported by FENCE_AT of that (even if this agent is stopped)."""
+        if self.registry is not None:
+            self.registry.arm(renewed_at + self.cluster.node_timeout * FENCE_AT)
 
     async def _keepalive(self) -> None:
         ttl = self.cluster.node_timeout
@@ -269,13 +289,14 @@ class Agent:
                 async with asyncio.timeout(ttl / 3):
                     await self.store.lease_keepalive(self.lease)
                 last_ok = sent
+                self._arm(sent)
             except LeaseNotFound:
                 self._fence("node lease expired")
                 return
             except (StoreError, TimeoutError) as exc:
                 # The lease runs from the last renewal the store saw, which was sent at
                 # or after last_ok: kill everything while there is still margin.
-                if time.monotonic() - last_ok > ttl * 0.6:
+                if time.monotonic() - last_ok > ttl * FENCE_SELF:
                     self._fence(f"cannot renew the node lease: {exc or 'timeout'}")
                     return
                 log.warning("lease renewal failed (%s); retrying", exc or "timeout")
@@ -286,11 +307,35 @@ class Agent:
         if self.registry is not None:
             self.registry.kill_all()
         for h in self.held.values():
-            if h.busy is not None:
-                h.busy.cancel()
+            self._abandon(h)
         self.held.clear()
         self._dirty.clear()
         self._fenced.set()
+
+    def _abandon(self, h: Held) -> None:
+        """Stop supervising a package this node no longer holds (fenced, or its owner
+        key lost): no service restart and no monitor check, now or after the node has
+        rejoined. ``kill_all`` stops the supervisors of the groups it kills, but not
+        that of a service whose process was already gone (killed by the sentinel while
+        the agent was stopped, or waiting out its restart_delay): that supervisor would
+        restart it here, once this node rejoined, while another node runs the package."""
+        if h.busy is not None:
+            h.busy.cancel()
+        for step in h.runner.services:
+            self._in_background(step.supervisor.stop())
+        for monitor in h.runner.monitors.values():
+            self._in_background(monitor.stop())
+
+    def _in_background(self, coro: Coroutine[Any, Any, Any]) -> None:
+        async def run() -> None:
+            try:
+                await coro
+            except Exception:
+                log.exception("stopping the supervision of an abandoned package failed")
+
+        task = asyncio.create_task(run())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     # ------------------------------------------------------------------ watch & reconcile
 
@@ -393,10 +438,9 @@ class Agent:
         for pkg, h in list(self.held.items()):
             if snap.owners.get(pkg) != self.node or snap.owner_revisions.get(pkg) != h.owner_rev:
                 log.error("package %s: lost its owner key; killing its processes", pkg)
-                if h.busy is not None:
-                    h.busy.cancel()
                 if self.registry is not None:
                     self.registry.kill_all(only=self._pgids_of(h))
+                self._abandon(h)
                 del self.held[pkg]
 
     def _pgids_of(self, h: Held) -> set[int]:
@@ -439,6 +483,16 @@ class Agent:
             h.maintenance = True
             await self._set_state(d.package, PackageState.MAINTENANCE, d.reason)
         elif d.verb is Verb.MAINTENANCE_OFF:
+            h = self.held[d.package]
+            h.maintenance = False
+            await h.runner.resume_monitors()
+            await self._set_state(d.package, PackageState.RUNNING, d.reason)
+        elif d.verb is Verb.DETACH:
+            h = self.held[d.package]
+            await h.runner.pause_monitors()
+            h.maintenance = True
+            await self._set_state(d.package, PackageState.DETACHED, d.reason)
+        elif d.verb is Verb.ATTACH:
             h = self.held[d.package]
             h.maintenance = False
             await h.runner.resume_monitors()
@@ -512,12 +566,29 @@ class Agent:
         result = await held.runner.start()
         if result.outcome is Outcome.OK:
             await self._set_state(pkg, PackageState.RUNNING, f"started ({held.start_reason.value})")
+            await self._done_with_start_node(pkg)
             return
         held.halt_reason = HaltReason.FAILURE
         if held.runner.done > 0:  # undo did not finish: processes may be left
             await self._halt_failed(pkg, f"{result.detail}")
             return
         await self._after_failure(pkg, result.outcome is Outcome.FAILOVER, result.detail)
+
+    async def _done_with_start_node(self, pkg: str) -> None:
+        """``package start/move -n NODE`` is one-shot: once running there, forget it, so
+        that failover and failback work as usual afterwards."""
+        for _ in range(5):
+            snap = await read_snapshot(self.store, self.keys)
+            admin = snap.admin_of(pkg)
+            if admin.start_node != self.node:
+                return
+            key = self.keys.admin(pkg)
+            res = await self.store.txn(
+                [Compare.mod_revision(key, snap.raw_revisions.get(key, 0))],
+                [Put(key, encode(admin.model_copy(update={"start_node": None})))],
+            )
+            if res.succeeded:
+                return
 
     async def _after_failure(self, pkg: str, failover: bool, detail: str) -> None:
         snap = await read_snapshot(self.store, self.keys)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -36,6 +37,37 @@ case "$1" in
   *)        echo "usage: $0 start|stop|validate" >&2; exit 1 ;;
 esac
 exit 0
+"""
+
+
+DEMO_SCRIPT = """\
+#!{python}
+# Demo helper: crash = kill -9 the web service (vigil restarts it);
+# kill [NODE] = kill -9 a node's agent, default the node running web (its sentinel
+# kills the node's services, another node takes over); start NODE = start it again.
+import json, os, subprocess, sys
+action, args = "{action}", sys.argv[1:]
+def status():
+    out = subprocess.run(["{vigil}", "-c", "{cfg}", "status", "--json"],
+                         check=True, capture_output=True, text=True).stdout
+    return json.loads(out)
+if action == "crash":
+    pid = status()["packages"]["web"]["services"]["http"]["pid"]
+    print(f"kill -9 {{pid}} (the web service)")
+    os.kill(pid, 9)
+elif action == "kill":
+    view = status()
+    node = args[0] if args else view["packages"]["web"]["node"]
+    pid = view["nodes"][node]["pid"]
+    print(f"kill -9 {{pid}} (the agent of {{node}})")
+    os.kill(pid, 9)
+else:
+    if not args:
+        sys.exit("usage: start-node.sh NODE")
+    log = open(os.path.join("{logs}", args[0] + ".log"), "ab")
+    subprocess.Popen(["{vigild}", "--node", args[0], "--config", "{cfg}"],
+                     stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
+    print(f"started the agent of {{args[0]}}")
 """
 
 
@@ -125,8 +157,39 @@ async def _running(cfg: Path, timeout: float) -> bool:
         await store.close()
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _agent_pids(cfg: Path) -> set[int]:
+    async def go() -> set[int]:
+        report = CheckReport()
+        tree = load_tree(cfg, report)
+        if tree is None:
+            return set()
+        store = open_store(tree.cluster.store)
+        try:
+            view = cluster_view(await read_snapshot(store, Keys(tree.cluster.name)))
+        finally:
+            await store.close()
+        return {n["pid"] for n in view["nodes"].values() if n["pid"]}
+
+    try:
+        return asyncio.run(go())
+    except VigilError:
+        return set()
+
+
 @click.command()
-@click.option("--nodes", "count", default=1, show_default=True, type=click.IntRange(1, 9),
+@click.option("--nodes", "count", default=3, show_default=True, type=click.IntRange(1, 9),
               help="How many node agents to run on this host.")  # fmt: skip
 @click.option("--duration", default=None, type=click.FloatRange(min=0),
               help="Stop by itself after this many seconds (default: until Ctrl-C).")  # fmt: skip
@@ -168,50 +231,65 @@ def demo(count: int, duration: float | None, directory: Path | None) -> None:
         ok = asyncio.run(_running(cfg, 30))
         vigil = Path(sys.executable).with_name("vigil")
         crash = root / "crash-service.sh"
-        crash.write_text(
-            "#!/bin/sh\n# Kill the demo's HTTP service with SIGKILL; vigil restarts it.\n"
-            f"pid=$(VIGIL_CONFIG={cfg} {vigil} status --json | {sys.executable} -c "
-            '\'import json,sys; print(json.load(sys.stdin)["packages"]["web"]'
-            '["services"]["http"]["pid"])\')\n'
-            'echo "kill -9 $pid"; kill -9 "$pid"\n'
-        )
-        crash.chmod(0o755)
+        kill_node = root / "kill-node.sh"
+        start_node = root / "start-node.sh"
+        crash.write_text(DEMO_SCRIPT.format(python=sys.executable, vigil=vigil, cfg=cfg,
+                                            vigild=vigild, logs=logs, action="crash"))  # fmt: skip
+        kill_node.write_text(DEMO_SCRIPT.format(python=sys.executable, vigil=vigil, cfg=cfg,
+                                                vigild=vigild, logs=logs, action="kill"))  # fmt: skip
+        start_node.write_text(DEMO_SCRIPT.format(python=sys.executable, vigil=vigil, cfg=cfg,
+                                                 vigild=vigild, logs=logs, action="start"))  # fmt: skip
+        for script in (crash, kill_node, start_node):
+            script.chmod(0o755)
         state = "is running" if ok else "did not start (see the logs)"
         lines = [
-            f'vigil demo: cluster "demo" on SQLite, {count} node(s), in {root}',
+            f'vigil demo: cluster "demo" on SQLite, {count} node(s) on this host, in {root}',
             f'package "web" {state}: http://127.0.0.1:{port}/',
             "",
             "In another terminal:",
             f"  export VIGIL_CONFIG={cfg}",
             f"  {vigil} status -v              # nodes, packages, services, monitors",
             f"  {vigil} events --follow        # every state change",
-            f"  {crash}    # kill -9 the service: it is restarted at once",
-            f"  {vigil} package halt web --wait   # halt it (then: package start web --wait)",
+            f"  {crash}          # kill -9 the service: it is restarted at once",
+            f"  {kill_node}              # kill -9 the node running web: it moves",
+            f"  {start_node} NODE        # bring a killed node back",
+            f"  {vigil} package move web -n node2 --wait   # move it by hand",
+            f"  {vigil} simulate --node-fails node1       # what would happen if ...",
             f"Agent logs: {logs}/   Package output: {root}/state/NODE/log/web.log",
             "Ctrl-C stops everything.",
         ]
         click.echo("\n".join(lines), nl=True)
         sys.stdout.flush()
         deadline = None if duration is None else time.monotonic() + duration
+        reported: set[int] = set()
         while not stopping and (deadline is None or time.monotonic() < deadline):
-            for a in agents:
-                if a.poll() is not None:
-                    click.echo(f"vigil demo: an agent exited with {a.returncode}; "
-                               f"see {logs}", err=True)  # fmt: skip
-                    stopping = True
+            for name, a in zip(nodes, agents, strict=True):
+                if a.poll() is not None and a.pid not in reported:
+                    reported.add(a.pid)
+                    click.echo(f"vigil demo: the agent of {name} exited ({a.returncode}); "
+                               f"{start_node} {name} starts it again")  # fmt: skip
             time.sleep(0.2)
     except KeyboardInterrupt:
         pass
     finally:
         click.echo("vigil demo: stopping the agents ...")
+        pids = {a.pid for a in agents if a.poll() is None}
+        pids |= _agent_pids(cfg)  # agents started again by start-node.sh
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        end = time.monotonic() + 30
+        for a in agents:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                a.wait(timeout=max(0.1, end - time.monotonic()))
+        while any(_alive(p) for p in pids) and time.monotonic() < end:
+            time.sleep(0.05)
+        for pid in pids:
+            if _alive(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
         for a in agents:
             if a.poll() is None:
-                a.send_signal(signal.SIGTERM)
-        for a in agents:
-            try:
-                a.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(a.pid, signal.SIGKILL)
                 a.wait()
         if not keep:
             shutil.rmtree(root, ignore_errors=True)

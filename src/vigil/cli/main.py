@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from vigil.cli import config_cmds, demo, events, package, status
+from vigil.cli import config_cmds, demo, events, node, package, simulate, status
 from vigil.cli.context import CliContext
 from vigil.errors import VigilError
 
@@ -47,6 +47,8 @@ def agent(obj: CliContext, args: tuple[str, ...]) -> None:
 
 cli.add_command(status.status)
 cli.add_command(package.package)
+cli.add_command(node.node)
+cli.add_command(simulate.simulate)
 cli.add_command(events.events)
 cli.add_command(config_cmds.check)
 cli.add_command(config_cmds.apply)

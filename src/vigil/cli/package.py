@@ -17,6 +17,7 @@ agents carry it out. ``--wait`` blocks until it is done, bounded by ``--timeout`
 
 from __future__ import annotations
 
+import asyncio
 import shlex
 import time
 from collections.abc import Callable
@@ -25,8 +26,16 @@ from typing import Any
 import click
 
 from vigil.cli.context import CliContext
-from vigil.cli.ops import Change, change_admin, refuse_own_package, require_node, wait_for
+from vigil.cli.ops import (
+    POLL,
+    Change,
+    change_admin,
+    refuse_own_package,
+    require_node,
+    wait_for,
+)
 from vigil.cli.render import console, print_json, table
+from vigil.errors import Timeout, UsageError, VigilError
 from vigil.keys import Keys
 from vigil.model import AdminRecord, PackageState
 from vigil.snapshot import Snapshot, read_snapshot
@@ -108,6 +117,52 @@ def start(obj: CliContext, pkg: str, node: str | None, wait: bool, timeout: floa
             require_node(snap, node)
 
     _act(obj, pkg, fn, "start", wait, timeout, {S.RUNNING}, FAILED, check)
+
+
+@package.command()
+@click.argument("pkg")
+@click.option("-n", "--node", "node", required=True, help="The node to move it to.")
+@_wait_options
+@click.pass_obj
+def move(obj: CliContext, pkg: str, node: str, wait: bool, timeout: float) -> None:
+    """Move PKG to NODE: halted where it runs (user_halt), started on NODE."""
+    refuse_own_package(pkg)
+    since = time.time()
+
+    def fn(a: AdminRecord, snap: Snapshot) -> Change:
+        require_node(snap, node)
+        if node not in snap.nodes:
+            raise UsageError(f"node {node} is down; cannot move {pkg} there")
+        if node in a.disabled_nodes:
+            raise UsageError(
+                f"node switching for {pkg} is off on {node}; "
+                f"run: vigil package enable {pkg} -n {node}"
+            )
+        return Change(
+            a.model_copy(update={"auto_run": True, "halt_requested": False, "start_node": node})
+        )
+
+    async def go(store: Store, keys: Keys) -> str | None:
+        await change_admin(store, keys, pkg, fn)
+        if not wait:
+            return None
+        deadline = time.monotonic() + timeout
+        while True:
+            snap = await read_snapshot(store, keys)
+            state, where, message = package_state(snap, pkg)
+            if state is S.RUNNING and where == node:
+                return node
+            if state in FAILED and snap.status_of(pkg).since >= since:
+                raise VigilError(f"package {pkg} is {state.value}: {message}")
+            if time.monotonic() > deadline:
+                raise Timeout(
+                    f"package {pkg} is not running on {node} after {timeout:g}s "
+                    f"(now {state.value} on {where or '-'}: {message})"
+                )
+            await asyncio.sleep(POLL)
+
+    done = obj.run(go)
+    click.echo(f"package {pkg}: {'moved to' if done else 'move requested to'} {node}")
 
 
 @package.command()

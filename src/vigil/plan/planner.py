@@ -11,21 +11,34 @@ Rules (CONCEPTS §3-4), in the order they are applied:
 1. Packages are planned dependencies first, then by priority (1 is the most
    important, none is the least), then by name.
 2. A package that is held by a node (owner key) stays there, unless
+   - an operator asked to halt it (``package halt``) → halted (``user_halt``);
+   - it is in maintenance: then it is left alone, whatever else happens;
+   - its node was halted by an operator (``node halt``, not ``--detach``) →
+     moved to the next eligible node (``failover``), or halted if there is none;
    - an ``up`` dependency is no longer met → halted (``automatic_halt``);
    - a ``down`` dependency excludes it and the other package is more
      important → halted (``automatic_halt``);
+   - a more important package needs its node (see 4) → halted;
    - an operator asked to move it (``package move`` / ``start -n``);
-   - ``failback_policy = "automatic"`` and a more preferred node is eligible →
-     moved back (``failback``).
-   A package that moves first waits (``halt_wait``) until the packages that
-   depend on it on the same node have halted, at most ``successor_halt_timeout``.
+   - ``failback_policy = "automatic"``, global switching and cluster failover
+     are on, and a more preferred node is eligible → moved back (``failback``).
+   A package that the planner halts or moves first waits (``halt_wait``) until
+   the running packages that depend on it (``up``, any location) have halted:
+   halts go in reverse dependency order, at most ``successor_halt_timeout``.
 3. A package that is held by nobody is started when global switching is on, it
-   is neither ``failed`` nor ``halt_failed`` (those wait for an operator), the
-   cluster's failover is on (or it has not run anywhere yet), and a node is
-   eligible: up, not halted by an operator, node switching on, in the
-   package's ``nodes`` list, dependencies satisfiable. The node is the first
+   is neither ``failed`` nor ``halt_failed`` (those wait for an operator; a
+   ``halt_failed`` package of a ``node_fail_fast`` package is free again: its
+   node fenced itself), it is not in maintenance, and a node is eligible: up,
+   not halted by an operator, node switching on, in the package's ``nodes``
+   list, dependencies satisfiable. With cluster ``failover = "off"`` a package
+   that ran somewhere may only start again on that node. The node is the first
    in preference order (``configured_node``) or the one running the fewest
-   packages (``min_package_node``).
+   packages (``min_package_node``). A start never goes where a package it
+   excludes (``down``) is still held: the other one must have halted first.
+4. Priority: when a package cannot start (or fail back) only because of ``down``
+   exclusions by less important packages, those packages are halted to make
+   room (``automatic_halt``) and the package starts once they are gone. A more
+   important package is never displaced.
 """
 
 from __future__ import annotations
@@ -46,6 +59,10 @@ from vigil.model import (
 from vigil.snapshot import Snapshot
 
 NO_PRIORITY = 10_000
+MAX_PASSES = 4
+
+# A dependency in one of these states on its owner counts as up: its processes run.
+UP_STATES = frozenset({PackageState.RUNNING, PackageState.MAINTENANCE, PackageState.DETACHED})
 
 
 class Verb(enum.StrEnum):
@@ -64,13 +81,11 @@ class Action:
     reason: str
 
     def __str__(self) -> str:
-        where = {
-            Verb.START: f"on {self.node}",
-            Verb.MOVE: f"{self.from_node} -> {self.node}",
-            Verb.HALT: f"on {self.node}",
-            Verb.WAIT: f"on {self.node}" if self.node else "",
-        }[self.verb]
-        return f"{self.verb.value} {self.package} {where}: {self.reason}".replace("  ", " ")
+        if self.verb is Verb.MOVE:
+            where = f" {self.from_node} -> {self.node}"
+        else:
+            where = f" on {self.node}" if self.node else ""
+        return f"{self.verb.value} {self.package}{where}: {self.reason}"
 
 
 @dataclass(frozen=True)
@@ -79,16 +94,27 @@ class Plan:
     actions: list[Action] = field(default_factory=list)
 
 
-def node_order(spec: PackageSpec, snap: Snapshot) -> list[str]:
-    """The package's node preference list with ``*`` expanded (every known node, by name)."""
+def _known_nodes(snap: Snapshot) -> list[str]:
     known = set(snap.nodes)
     if snap.cluster and snap.cluster.nodes:
         known |= set(snap.cluster.nodes)
+    return sorted(known)
+
+
+def _expand(entries: Iterable[str], known_sorted: list[str]) -> list[str]:
     order: list[str] = []
-    for entry in spec.nodes:
-        names = sorted(known) if entry == "*" else [entry]
-        order.extend(n for n in names if n not in order)
+    seen: set[str] = set()
+    for entry in entries:
+        for n in known_sorted if entry == "*" else (entry,):
+            if n not in seen:
+                seen.add(n)
+                order.append(n)
     return order
+
+
+def node_order(spec: PackageSpec, snap: Snapshot) -> list[str]:
+    """The package's node preference list with ``*`` expanded (every known node, by name)."""
+    return _expand(spec.nodes, _known_nodes(snap))
 
 
 def eligible_nodes(
@@ -112,6 +138,7 @@ def priority(spec: PackageSpec) -> int:
 def planning_order(packages: dict[str, PackageSpec]) -> list[str]:
     """Dependencies before dependents; otherwise by priority, then name."""
     ranked = sorted(packages, key=lambda p: (priority(packages[p]), p))
+    rank = {p: i for i, p in enumerate(ranked)}
     done: list[str] = []
     seen: set[str] = set()
     visiting: set[str] = set()
@@ -120,8 +147,8 @@ def planning_order(packages: dict[str, PackageSpec]) -> list[str]:
         if p in seen or p in visiting:
             return  # a cycle (rejected by vigil check) falls back to priority order
         visiting.add(p)
-        deps = [d.package for d in packages[p].dependency if d.condition == "up"]
-        for d in sorted((d for d in deps if d in packages), key=ranked.index):
+        deps = {d.package for d in packages[p].dependency if d.condition == "up"}
+        for d in sorted((d for d in deps if d in rank), key=rank.__getitem__):
             visit(d)
         visiting.discard(p)
         seen.add(p)
@@ -136,6 +163,8 @@ def start_reason_for(snap: Snapshot, pkg: str, node: str) -> StartReason:
     st = snap.status_of(pkg)
     if st.node is None:
         return StartReason.BOOT
+    if st.node != node and snap.node_halted(st.node):
+        return StartReason.FAILOVER  # its node was halted with --failover
     if st.halt_reason == HaltReason.USER_HALT:
         return StartReason.USER
     if st.node != node:
@@ -148,23 +177,75 @@ class _Planner:
         self.snap = snap
         self.now = now
         self.packages = snap.packages
+        self.known = _known_nodes(snap)
+        self._orders: dict[tuple[str, ...], list[str]] = {}
+        self._ranks: dict[tuple[str, ...], dict[str, int]] = {}
+        self._eligible: dict[tuple[str, ...], list[str]] = {}
+        # who holds each package now (owner key): the truth until it is released
+        self.held_by: dict[str, str] = {p: n for p, n in snap.owners.items() if p in snap.packages}
+        self.running: dict[str, str] = {}
+        for p, n in self.held_by.items():
+            st = snap.status_of(p)
+            if st.node == n and st.state in UP_STATES:
+                self.running[p] = n
+        # package -> the packages with an `up` dependency on it
+        self.dependents: dict[str, list[str]] = {}
+        for q, spec in self.packages.items():
+            for d in {d.package for d in spec.dependency if d.condition == "up"}:
+                self.dependents.setdefault(d, []).append(q)
+        self._effective: dict[str, int] = {}
+        self.must_halt: dict[str, str] = {}  # package -> why it must halt (decided earlier)
+        self.reset()
+
+    def reset(self) -> None:
         # where each package runs (or will run) as far as this plan knows
-        self.placed: dict[str, str] = {p: n for p, n in snap.owners.items() if p in snap.packages}
+        self.placed: dict[str, str] = dict(self.held_by)
         self.load: Counter[str] = Counter(self.placed.values())
-        self.running: dict[str, str] = {
-            p: n
-            for p, n in self.placed.items()
-            if snap.status_of(p).state is PackageState.RUNNING and snap.status_of(p).node == n
-        }
         self.assign: dict[str, Assignment] = {}
         self.actions: list[Action] = []
-        self.must_halt: dict[str, str] = {}  # package -> why it must halt (decided earlier)
+        self.planned: set[str] = set()
+        self.leaving: set[str] = set()  # held, waiting to halt or move: no new dependents
+        self.reserved: dict[str, str] = {}  # waits for room there: no new exclusions
+        self.late = False  # a package planned already was told to halt: plan again
 
     # -------------------------------------------------------------- helpers
 
-    def _keep_since(self, pkg: str, node: str | None, reason: str) -> float:
+    def _order(self, spec: PackageSpec) -> list[str]:
+        key = tuple(spec.nodes)
+        got = self._orders.get(key)
+        if got is None:
+            got = self._orders[key] = _expand(spec.nodes, self.known)
+        return got
+
+    def _rank(self, spec: PackageSpec) -> dict[str, int]:
+        key = tuple(spec.nodes)
+        got = self._ranks.get(key)
+        if got is None:
+            got = self._ranks[key] = {n: i for i, n in enumerate(self._order(spec))}
+        return got
+
+    def _eligible_nodes(self, spec: PackageSpec, admin: AdminRecord) -> list[str]:
+        """``eligible_nodes`` with the per-``nodes``-list part computed once per plan."""
+        key = tuple(spec.nodes)
+        base = self._eligible.get(key)
+        if base is None:
+            snap = self.snap
+            base = self._eligible[key] = [
+                n for n in self._order(spec) if n in snap.nodes and not snap.node_halted(n)
+            ]
+        if admin.disabled_nodes:
+            return [n for n in base if n not in admin.disabled_nodes]
+        return list(base)
+
+    def _keep_since(
+        self, pkg: str, node: str | None, reason: str, *, prefix: bool = False
+    ) -> float:
         prev = self.snap.assignments.get(pkg)
-        if prev is not None and prev.node == node and prev.reason == reason:
+        if (
+            prev is not None
+            and prev.node == node
+            and (prev.reason == reason or (prefix and prev.reason.startswith(reason)))
+        ):
             return prev.since
         return self.now
 
@@ -176,13 +257,14 @@ class _Planner:
         *,
         start_reason: StartReason | None = None,
         halt_reason: HaltReason | None = None,
+        since: float | None = None,
     ) -> None:
         self.assign[pkg] = Assignment(
             node=node,
             reason=reason,
             start_reason=start_reason,
             halt_reason=halt_reason,
-            since=self._keep_since(pkg, node, reason),
+            since=self._keep_since(pkg, node, reason) if since is None else since,
         )
 
     def _unplace(self, pkg: str) -> None:
@@ -195,32 +277,80 @@ class _Planner:
         self.placed[pkg] = node
         self.load[node] += 1
 
+    def _mark(self, pkg: str, why: str) -> None:
+        """``pkg`` must halt (or not start) in this plan; first reason wins."""
+        if pkg not in self.must_halt:
+            self.must_halt[pkg] = why
+            if pkg in self.planned:
+                self.late = True
+
     def _more_important(self, a: str, b: str) -> bool:
+        """Who gives way when two running packages exclude each other (names break ties)."""
         return (priority(self.packages[a]), a) < (priority(self.packages[b]), b)
 
-    def _dep_allows(self, dep: DependencySpec, node: str, *, starting: bool = False) -> bool:
+    def _effective_priority(self, pkg: str) -> int:
+        """The priority of ``pkg`` or of the most important held package that needs it
+        (``up``, transitively): halting ``pkg`` halts them too."""
+        got = self._effective.get(pkg)
+        if got is None:
+            got = self._effective[pkg] = priority(self.packages[pkg])  # cycle guard
+            for q in self.dependents.get(pkg, ()):
+                if q in self.held_by:
+                    got = min(got, self._effective_priority(q))
+            self._effective[pkg] = got
+        return got
+
+    def _outranks(self, a: str, b: str) -> bool:
+        """Whether ``a`` may displace ``b``: a strictly better priority than ``b`` and
+        everything depending on ``b``. Without priorities nobody displaces anybody."""
+        return priority(self.packages[a]) < self._effective_priority(b)
+
+    def _in_maintenance(self, pkg: str) -> bool:
+        if self.snap.admin_of(pkg).maintenance:
+            return True
+        st = self.snap.status_of(pkg)
+        return st.state is PackageState.MAINTENANCE and st.node == self.held_by.get(pkg)
+
+    def _dep_allows(
+        self,
+        dep: DependencySpec,
+        node: str,
+        *,
+        starting: bool = False,
+        ignore: frozenset[str] = frozenset(),
+    ) -> bool:
         """Whether ``dep`` allows running on ``node`` given current placements. A package
-        about to start (``starting``) needs its ``up`` dependencies actually running."""
-        where = self.placed.get(dep.package)
+        about to start (``starting``) needs its ``up`` dependencies actually running,
+        and the packages it excludes (``down``) gone from the node for real: released,
+        not only planned away. ``ignore``: excluded packages about to make room."""
+        other = dep.package
+        where = self.placed.get(other)
         if dep.condition == "up":
             if where is None:
                 return False
-            if starting and self.running.get(dep.package) != where:
+            if starting and (self.running.get(other) != where or other in self.leaving):
                 return False
             if dep.location == "same_node":
                 return where == node
             if dep.location == "different_node":
                 return where != node
             return True
-        if where is None:
+        if other in ignore:
+            return True
+        held = self.held_by.get(other) if starting else None
+        reserved = self.reserved.get(other) if starting else None
+        spots = {n for n in (where, held, reserved) if n is not None}
+        if not spots:
             return True
         if dep.location == "same_node":
-            return where != node
+            return node not in spots
         if dep.location == "different_node":
-            return where == node
+            return spots == {node}
         return False
 
-    def _candidates(self, pkg: str, nodes: Iterable[str]) -> tuple[list[str], str | None]:
+    def _candidates(
+        self, pkg: str, nodes: Iterable[str], ignore: frozenset[str] = frozenset()
+    ) -> tuple[list[str], str | None]:
         """Nodes allowed by every dependency, or ([], why not)."""
         spec = self.packages[pkg]
         out = list(nodes)
@@ -228,110 +358,259 @@ class _Planner:
             if dep.package not in self.packages:
                 continue
             before = out
-            out = [n for n in out if self._dep_allows(dep, n, starting=True)]
+            out = [n for n in out if self._dep_allows(dep, n, starting=True, ignore=ignore)]
             if before and not out:
-                return [], _dep_text(dep, self.placed.get(dep.package))
+                return [], self._dep_text(dep)
         return out, None
+
+    def _weaker_exclusions(self, pkg: str) -> frozenset[str]:
+        """Less important packages ``pkg`` excludes (``down``) that could make room."""
+        return frozenset(
+            d.package
+            for d in self.packages[pkg].dependency
+            if d.condition == "down"
+            and d.package in self.packages
+            and d.package != pkg
+            and (d.package in self.placed or d.package in self.held_by)
+            and self._outranks(pkg, d.package)
+            and not self._in_maintenance(d.package)
+        )
+
+    def _blockers_at(self, pkg: str, node: str, among: frozenset[str]) -> list[str]:
+        return sorted(
+            {
+                d.package
+                for d in self.packages[pkg].dependency
+                if d.package in among and not self._dep_allows(d, node, starting=True)
+            }
+        )
 
     def _pick(self, spec: PackageSpec, nodes: list[str]) -> str:
         if spec.failover_policy == "min_package_node":
-            return min(nodes, key=lambda n: (self.load[n], nodes.index(n)))
+            load = self.load
+            return nodes[min(range(len(nodes)), key=lambda i: (load[nodes[i]], i))]
         return nodes[0]
 
-    # -------------------------------------------------------------- per package
+    def _dep_text(self, dep: DependencySpec) -> str:
+        """Why ``dep`` is not met, for reasons and ``vigil status``."""
+        other = dep.package
+        loc = dep.location.replace("_", " ")
+        where = self.placed.get(other)
+        if dep.condition == "down":
+            spots = sorted({n for n in (where, self.held_by.get(other)) if n is not None})
+            parts = [f"runs on {', '.join(spots)}"] if spots else []
+            reserved = self.reserved.get(other)
+            if reserved is not None and reserved not in spots:
+                parts.append(f"waits for room on {reserved}")
+            return f"needs {other} down on {loc} ({other} {', '.join(parts) or 'is placed'})"
+        if where is None:
+            state = "not up"
+        elif other in self.leaving:
+            state = f"about to leave {where}"
+        elif self.running.get(other) == where:
+            state = f"running on {where}"
+        else:
+            state = f"placed on {where}, not running yet"
+        return f"needs {other} up on {loc} ({other} is {state})"
+
+    def _waiting_dependents(self, pkg: str, owner: str) -> list[str]:
+        """Held packages that need ``pkg`` up (``same_node``: on ``owner``; other
+        locations: anywhere) and so must halt before it does. Packages in maintenance
+        are left alone (they would never halt)."""
+        out = set()
+        for q in self.dependents.get(pkg, ()):
+            where = self.held_by.get(q)
+            if where is None or q == pkg or self._in_maintenance(q):
+                continue
+            same = [
+                d.location == "same_node"
+                for d in self.packages[q].dependency
+                if d.package == pkg and d.condition == "up"
+            ]
+            if all(same) and where != owner:
+                continue  # a same_node dependent elsewhere does not run on pkg anyway
+            out.add(q)
+        return sorted(out)
+
+    # -------------------------------------------------------------- held packages
 
     def held(self, pkg: str, owner: str) -> None:
         spec = self.packages[pkg]
         admin = self.snap.admin_of(pkg)
         st = self.snap.status_of(pkg)
         state = st.state if st.node == owner else PackageState.STARTING
+        blocked = state in (PackageState.FAILED, PackageState.HALT_FAILED)
+        if admin.halt_requested and not blocked:
+            # the agent halts it at once (CONCEPTS: an operator's halt is not undone)
+            self._unplace(pkg)
+            why = "halt requested by an operator"
+            self._set(pkg, None, why, halt_reason=HaltReason.USER_HALT)
+            self.actions.append(Action(Verb.HALT, pkg, owner, owner, why))
+            return
+        if admin.maintenance and state in (PackageState.RUNNING, PackageState.MAINTENANCE):
+            self._set(pkg, owner, f"in maintenance on {owner}")  # left alone
+            return
         if pkg in self.must_halt:
-            self._halt(pkg, owner, self.must_halt[pkg])
+            self._stop(pkg, owner, self.must_halt[pkg])
             return
         if state is not PackageState.RUNNING:
             self._set(pkg, owner, f"{state.value} on {owner}")
+            return
+        node_admin = self.snap.node_admin.get(owner)
+        if node_admin is not None and node_admin.halted and node_admin.mode != "detach":
+            self._leave_halted_node(pkg, spec, admin, owner)
             return
         for dep in spec.dependency:
             if dep.package in self.packages and not self._dep_allows(dep, owner):
                 other = dep.package
                 if dep.condition == "down" and self._more_important(pkg, other):
                     continue  # the other one gives way (handled when it is planned)
-                self._halt(pkg, owner, _dep_text(dep, self.placed.get(other)))
+                self._stop(pkg, owner, self._dep_text(dep))
                 return
-        target, why, start_reason = self._wanted_move(pkg, spec, admin, owner)
+        target, why, start_reason, displace = self._wanted_move(pkg, spec, admin, owner)
         if target is None:
-            self._set(pkg, owner, f"running on {owner}")
+            self._set(pkg, owner, f"running on {owner}{why}")
             return
-        waiting = self._dependents_on(pkg, owner)
-        limit = spec.successor_halt_timeout
-        if waiting:
-            reason = f"halt_wait: {why}; waiting for {', '.join(waiting)} to halt first"
-            since = self._keep_since(pkg, owner, reason)
-            if limit is None or self.now - since < limit:
-                for q in waiting:
-                    self.must_halt[q] = f"its dependency {pkg} is moving ({why})"
-                self._set(pkg, owner, reason)
-                self.actions.append(Action(Verb.WAIT, pkg, owner, owner, reason))
-                return
-            why += f"; successor_halt_timeout passed for {', '.join(waiting)}"
-        self._place(pkg, target)
-        self._set(
+        if displace:
+            for b in displace:
+                self._mark(b, f"making room for more important package {pkg} ({why})")
+            reason = f"halt_wait: {why}; waiting for {', '.join(displace)} to make room"
+            self.leaving.add(pkg)
+            self._set(pkg, owner, reason)
+            self.actions.append(Action(Verb.WAIT, pkg, owner, owner, reason))
+            return
+        assert start_reason is not None
+        self._stop(
             pkg,
-            target,
+            owner,
             why,
+            target=target,
             start_reason=start_reason,
             halt_reason=HaltReason.AUTOMATIC_HALT
             if start_reason is StartReason.FAILBACK
             else HaltReason.USER_HALT,
         )
+
+    def _leave_halted_node(
+        self, pkg: str, spec: PackageSpec, admin: AdminRecord, owner: str
+    ) -> None:
+        """``node halt`` (failover mode): the agent halts everything there at once
+        (``user_halt``); the plan says where each package goes next."""
+        why = f"node {owner} halted by an operator"
+        cands: list[str] = []
+        if admin.auto_run:
+            eligible = self._eligible_nodes(spec, admin)
+            if admin.start_node is not None:
+                eligible = [n for n in eligible if n == admin.start_node]
+            cands, _ = self._candidates(pkg, eligible)
+        if not cands:
+            self._unplace(pkg)
+            self._set(pkg, None, why, halt_reason=HaltReason.USER_HALT)
+            self.actions.append(Action(Verb.HALT, pkg, owner, owner, why))
+            return
+        target = self._pick(spec, cands)
+        self._place(pkg, target)
+        self._set(
+            pkg,
+            target,
+            why,
+            start_reason=StartReason.FAILOVER,
+            halt_reason=HaltReason.USER_HALT,
+        )
         self.actions.append(Action(Verb.MOVE, pkg, target, owner, why))
 
     def _wanted_move(
         self, pkg: str, spec: PackageSpec, admin: AdminRecord, owner: str
-    ) -> tuple[str | None, str, StartReason | None]:
-        eligible = eligible_nodes(spec, admin, self.snap)
-        if admin.start_node is not None and admin.start_node != owner:
-            cands, _ = self._candidates(pkg, [n for n in eligible if n == admin.start_node])
+    ) -> tuple[str | None, str, StartReason | None, list[str]]:
+        """Where a running package should move: (target, why, start reason, packages
+        that must make room first); no target: (None, why it stays or "", ...)."""
+        if admin.start_node is not None:
+            if admin.start_node == owner:
+                return None, "", None, []
+            eligible = [n for n in self._eligible_nodes(spec, admin) if n == admin.start_node]
+            cands, why = self._candidates(pkg, eligible)
             if cands:
-                return cands[0], f"moved to {cands[0]} by an operator", StartReason.USER
-            return None, "", None
-        if spec.failback_policy == "automatic" and admin.start_node is None:
-            order = node_order(spec, self.snap)
-            cands, _ = self._candidates(pkg, eligible)
-            better = (
-                [n for n in cands if order.index(n) < order.index(owner)] if owner in order else []
-            )
-            if better:
-                return better[0], f"failback to preferred node {better[0]}", StartReason.FAILBACK
-        return None, "", None
-
-    def _dependents_on(self, pkg: str, node: str) -> list[str]:
-        """Packages running on ``node`` that need ``pkg`` up there (or anywhere)."""
-        out = []
-        for q, spec in self.packages.items():
-            if self.snap.owners.get(q) != node and self.placed.get(q) != node:
-                continue
-            if (
-                any(
-                    d.package == pkg and d.condition == "up" and d.location != "different_node"
-                    for d in spec.dependency
+                return cands[0], f"moved to {cands[0]} by an operator", StartReason.USER, []
+            why = why or "not eligible"
+            return None, f"; cannot move to {admin.start_node}: {why}", None, []
+        cluster = self.snap.cluster
+        if (
+            spec.failback_policy != "automatic"
+            or not admin.auto_run
+            or (cluster is not None and cluster.failover == "off")
+        ):
+            return None, "", None, []
+        rank = self._rank(spec)
+        if owner not in rank:
+            return None, "", None, []
+        better = [n for n in self._eligible_nodes(spec, admin) if rank[n] < rank[owner]]
+        if spec.failover_policy == "min_package_node":
+            # Serviceguard: "failback cannot occur until the primary node is running
+            # fewer packages than the current node" (else it undoes the balancing)
+            better = [n for n in better if self.load[n] < self.load[owner]]
+        if not better:
+            return None, "", None, []
+        cands, _ = self._candidates(pkg, better)
+        if cands:
+            return cands[0], f"failback to preferred node {cands[0]}", StartReason.FAILBACK, []
+        weaker = self._weaker_exclusions(pkg)
+        if weaker:
+            cands, _ = self._candidates(pkg, better, ignore=weaker)
+            if cands:
+                target = cands[0]
+                self.reserved[pkg] = target
+                return (
+                    target,
+                    f"failback to preferred node {target}",
+                    StartReason.FAILBACK,
+                    self._blockers_at(pkg, target, weaker),
                 )
-                and q in self.snap.owners
-            ):
-                out.append(q)
-        return sorted(out)
+        return None, "", None, []
 
-    def _halt(self, pkg: str, owner: str, why: str) -> None:
-        self._unplace(pkg)
-        self._set(pkg, None, why, halt_reason=HaltReason.AUTOMATIC_HALT)
-        self.actions.append(Action(Verb.HALT, pkg, owner, owner, why))
+    def _stop(
+        self,
+        pkg: str,
+        owner: str,
+        why: str,
+        *,
+        target: str | None = None,
+        start_reason: StartReason | None = None,
+        halt_reason: HaltReason = HaltReason.AUTOMATIC_HALT,
+    ) -> None:
+        """Halt ``pkg`` (``target`` None) or move it, once its dependents halted first."""
+        waiting = self._waiting_dependents(pkg, owner)
+        if waiting:
+            verb = "moving" if target else "halting"
+            for q in waiting:
+                self._mark(q, f"its dependency {pkg} is {verb} ({why})")
+            head = f"halt_wait: {why}; waiting for "
+            reason = f"{head}{', '.join(waiting)} to halt first"
+            since = self._keep_since(pkg, owner, head, prefix=True)
+            limit = self.packages[pkg].successor_halt_timeout
+            if limit is None or self.now - since < limit:
+                self.leaving.add(pkg)
+                self._set(pkg, owner, reason, since=since)
+                self.actions.append(Action(Verb.WAIT, pkg, owner, owner, reason))
+                return
+            why += f"; successor_halt_timeout passed for {', '.join(waiting)}"
+        if target is None:
+            self._unplace(pkg)
+            self._set(pkg, None, why, halt_reason=halt_reason)
+            self.actions.append(Action(Verb.HALT, pkg, owner, owner, why))
+            return
+        self._place(pkg, target)
+        self._set(pkg, target, why, start_reason=start_reason, halt_reason=halt_reason)
+        self.actions.append(Action(Verb.MOVE, pkg, target, owner, why))
+
+    # -------------------------------------------------------------- free packages
 
     def free(self, pkg: str) -> None:
         spec = self.packages[pkg]
         admin = self.snap.admin_of(pkg)
         st = self.snap.status_of(pkg)
         cluster = self.snap.cluster
-        if st.state in (PackageState.FAILED, PackageState.HALT_FAILED):
+        fenced = st.state is PackageState.HALT_FAILED and spec.node_fail_fast
+        if st.state in (PackageState.FAILED, PackageState.HALT_FAILED) and not fenced:
             self._set(pkg, None, f"{st.state.value}: waiting for an operator (package clear)")
             return
         if not admin.auto_run or admin.halt_requested:
@@ -340,6 +619,10 @@ class _Planner:
         if admin.maintenance:
             self._set(pkg, None, "in maintenance")
             return
+        if pkg in self.must_halt:
+            self._set(pkg, None, self.must_halt[pkg])
+            return
+        eligible = self._eligible_nodes(spec, admin)
         if (
             cluster is not None
             and cluster.failover == "off"
@@ -347,17 +630,19 @@ class _Planner:
             and st.halt_reason != HaltReason.USER_HALT
             and admin.start_node is None
         ):
-            self._set(pkg, None, f"cluster failover is off (it ran on {st.node})")
-            return
-        eligible = eligible_nodes(spec, admin, self.snap)
+            # no failover: it may start again only where it ran
+            eligible = [n for n in eligible if n == st.node]
+            if not eligible:
+                self._set(pkg, None, f"cluster failover is off (it ran on {st.node})")
+                return
         if admin.start_node is not None:
             eligible = [n for n in eligible if n == admin.start_node]
         if not eligible:
-            self._set(pkg, None, "no eligible node is up")
+            self._set(pkg, None, "no eligible node (its nodes are down, halted or switched off)")
             return
         cands, why = self._candidates(pkg, eligible)
         if not cands:
-            self._preempt(pkg, eligible)
+            self._make_room(pkg, spec, eligible)
             reason = f"start_wait: {why}"
             self._set(pkg, None, reason)
             self.actions.append(Action(Verb.WAIT, pkg, None, None, reason))
@@ -369,56 +654,39 @@ class _Planner:
             reason = prev.start_reason
         self._place(pkg, node)
         self._set(pkg, node, f"{reason.value} on {node}", start_reason=reason)
-        self.actions.append(Action(Verb.START, pkg, node, st.node, f"{reason.value}"))
+        self.actions.append(Action(Verb.START, pkg, node, st.node, reason.value))
 
-    def _preempt(self, pkg: str, eligible: list[str]) -> None:
-        """A more important package excluded by `down` dependencies halts the others."""
-        spec = self.packages[pkg]
-        blockers = [
-            d.package
-            for d in spec.dependency
-            if d.condition == "down"
-            and d.package in self.placed
-            and d.package in self.packages
-            and self._more_important(pkg, d.package)
-        ]
-        if not blockers:
+    def _make_room(self, pkg: str, spec: PackageSpec, eligible: list[str]) -> None:
+        """A package excluded only by less important ones (``down``) has them halted
+        where it would start; it starts once they are gone."""
+        weaker = self._weaker_exclusions(pkg)
+        if not weaker:
             return
-        # would it fit once the less important blockers are gone?
-        saved = {b: self.placed[b] for b in blockers}
-        for b in blockers:
-            self._unplace(b)
-        cands, _ = self._candidates(pkg, eligible)
-        for b, n in saved.items():
-            self._place(b, n)
-        if cands:
-            for b in blockers:
-                self.must_halt.setdefault(b, f"making room for more important package {pkg}")
-
-
-def _dep_text(dep: DependencySpec, where: str | None) -> str:
-    loc = dep.location.replace("_", " ")
-    if dep.condition == "up":
-        state = f"placed on {where}, not running yet" if where else "not up"
-        return f"needs {dep.package} up on {loc} ({dep.package} is {state})"
-    return f"needs {dep.package} down on {loc} ({dep.package} runs on {where})"
+        cands, _ = self._candidates(pkg, eligible, ignore=weaker)
+        if not cands:
+            return
+        target = self._pick(spec, cands)
+        self.reserved[pkg] = target  # nobody else it excludes starts there meanwhile
+        for b in self._blockers_at(pkg, target, weaker):
+            self._mark(b, f"making room for more important package {pkg}")
 
 
 def plan(snap: Snapshot, now: float) -> Plan:
     """Where every configured package should run, and what changes, with reasons."""
     p = _Planner(snap, now)
     order = planning_order(snap.packages)
-    # Two passes: decisions made late (a more important package preempting a less
-    # important one, a moving dependency) reach packages planned earlier.
-    for _ in range(2):
-        p.assign.clear()
-        p.actions.clear()
-        p.placed = {q: n for q, n in snap.owners.items() if q in snap.packages}
-        p.load = Counter(p.placed.values())
+    # Decisions made late (a more important package making room, a moving dependency)
+    # can reach packages planned earlier: plan again with what was learnt, until
+    # nothing new is learnt (a few passes at most; usually one).
+    for _ in range(MAX_PASSES):
+        p.reset()
         for pkg in order:
-            owner = snap.owners.get(pkg)
+            owner = p.held_by.get(pkg)
             if owner is not None:
                 p.held(pkg, owner)
             else:
                 p.free(pkg)
+            p.planned.add(pkg)
+        if not p.late:
+            break
     return Plan(assignments=p.assign, actions=p.actions)

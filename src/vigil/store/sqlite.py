@@ -61,6 +61,7 @@ from vigil.store.base import (
     WatchEvent,
     prefix_end,
 )
+from vigil.store.inotify import DirWatch
 from vigil.store.memory import check_ops
 
 __all__ = ["SCHEMA_VERSION", "SQLiteStore"]
@@ -148,6 +149,10 @@ class _Tx:
 
     def __init__(self, rev: int) -> None:
         self.rev = rev
+
+
+# With inotify, watchers re-check at least this often even if no event came.
+IDLE_POLL = 1.0
 
 
 class SQLiteStore:
@@ -374,8 +379,31 @@ class SQLiteStore:
             self._poller = None
 
     async def _poll_loop(self) -> None:
+        """Check for changes: woken by inotify when another process writes the database
+        (then every ``IDLE_POLL`` s as a safety net), or every ``poll_interval`` s where
+        inotify is missing; and in time for the next lease expiry either way."""
+        loop = asyncio.get_running_loop()
+        watch = DirWatch.open(os.path.dirname(self._path), os.path.basename(self._path))
+        wake = asyncio.Event()
+        if watch is not None:
+            loop.add_reader(watch.fd, lambda: wake.set() if watch.drain() else None)
+        try:
+            await self._poll_forever(wake, watch is not None)
+        finally:
+            if watch is not None:
+                loop.remove_reader(watch.fd)
+                watch.close()
+
+    async def _poll_forever(self, wake: asyncio.Event, notified: bool) -> None:
         while not self._closed:
-            await asyncio.sleep(self._poll_interval)
+            interval = IDLE_POLL if notified else self._poll_interval
+            expiry = self._next_expiry
+            if expiry is not None:
+                interval = min(interval, max(0.0, expiry - time.monotonic()) + 0.001)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(interval):
+                    await wake.wait()
+            wake.clear()
             try:
                 changed = await self._run(self._poll)
             except StoreError:

@@ -53,8 +53,13 @@ async def run_command(
     """
     loop = asyncio.get_running_loop()
     t0 = loop.time()
+    if registry is not None and not registry.may_spawn():
+        return CommandResult(None, False, 0.0, f"{argv[0]}: not run, this node is fenced")
     try:
-        child = spawn(argv, env=env, cwd=cwd, user=user, log_path=log_path)
+        # Short-lived: the sentinel (told below) kills it if the agent dies, so the
+        # spawn can skip PR_SET_PDEATHSIG and its preexec hook (vfork is much cheaper).
+        child = spawn(argv, env=env, cwd=cwd, user=user, log_path=log_path,
+                      die_with_parent=registry is None)  # fmt: skip
     except SpawnError as exc:
         return CommandResult(None, False, loop.time() - t0, str(exc))
     if registry is not None:

@@ -24,10 +24,12 @@ sentinel process runs it as ``__main__``.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
 import os
+import select
 import signal
 import sys
 import time
@@ -44,6 +46,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
+STATE_WRITE_DELAY = 0.1
 _MAX_SENTINEL_RESTARTS = 5
 
 
@@ -256,6 +259,8 @@ class ProcessRegistry:
         self._reaping: set[Child] = set()
         self._sentinel_restarts = 0
         self._sentinel_log: str | Path | None = None
+        self.deadline: float | None = None
+        self._write_pending = False
         if state_file is not None:
             self._write_state()
 
@@ -282,7 +287,7 @@ class ProcessRegistry:
         self._reap_some()
         start = child.start_time
         self._entries[child.pgid] = _Entry(child, start, on_kill)
-        self._write_state()
+        self._state_changed()
         self._send(f"+{child.pgid} {start if start is not None else 0}")
 
     def remove(self, child: Child) -> None:
@@ -292,8 +297,19 @@ class ProcessRegistry:
         if entry is None or entry.child is not child:
             return
         del self._entries[child.pgid]
-        self._write_state()
+        self._state_changed()
         self._send(f"-{child.pgid}")
+
+    def arm(self, deadline: float | None) -> None:
+        """Tell the sentinel the CLOCK_MONOTONIC time by which the next lease renewal
+        must come (None disarms): past it, the sentinel kills every group even if the
+        agent cannot (stopped, hung). Past it, :meth:`may_spawn` is False too."""
+        self.deadline = deadline
+        self._send(f"D {deadline:.3f}" if deadline is not None else "D 0")
+
+    def may_spawn(self) -> bool:
+        """False once the lease deadline has passed: a fenced node starts nothing."""
+        return self.deadline is None or time.monotonic() < self.deadline
 
     def kill_all(self, only: Iterable[int] | None = None) -> list[int]:
         """SIGKILL every known group (or those in ``only``) now, without waiting; for
@@ -312,7 +328,7 @@ class ProcessRegistry:
             self._reaping.add(entry.child)
             self._send(f"-{pgid}")
         if killed:
-            self._write_state()
+            self._write_state()  # fencing: record it now
         self._reap_some()
         return killed
 
@@ -336,7 +352,22 @@ class ProcessRegistry:
             if child.poll() is not None:
                 self._reaping.discard(child)
 
+    def _state_changed(self) -> None:
+        """Write the state file soon rather than at once: with many short-lived monitor
+        commands, one write per STATE_WRITE_DELAY is plenty. The sentinel, told at once
+        over its pipe, covers a crash in between."""
+        if self.state_file is None or self._write_pending:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._write_state()
+            return
+        self._write_pending = True
+        loop.call_later(STATE_WRITE_DELAY, self._write_state)
+
     def _write_state(self) -> None:
+        self._write_pending = False
         if self.state_file is None:
             return
         groups = [
@@ -368,6 +399,8 @@ class ProcessRegistry:
             sentinel = Sentinel.start(self.state_file, log_path=self._sentinel_log)
             for pgid, e in self._entries.items():
                 sentinel.send(f"+{pgid} {e.start if e.start is not None else 0}")
+            if self.deadline is not None:
+                sentinel.send(f"D {self.deadline:.3f}")
         except (SpawnError, OSError) as exc:
             log.error("cannot restart the sentinel: %s", exc)
             return
@@ -400,7 +433,8 @@ def _recorded(groups: Mapping[int, int | None]) -> list[RecordedGroup]:
 
 
 def main(argv: list[str]) -> int:
-    """The sentinel: follow the pipe on stdin, kill everything at EOF."""
+    """The sentinel: follow the pipe on stdin, kill everything at EOF or when the
+    agent's lease deadline passes without a renewal."""
     for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)  # only EOF (or SIGKILL) ends the sentinel
     state_file = Path(argv[0]) if argv else None
@@ -408,9 +442,36 @@ def main(argv: list[str]) -> int:
     # already be dead, and getppid() would name whoever adopted us.
     agent = int(argv[1]) if len(argv) > 1 else os.getppid()
     groups: dict[int, int | None] = {}
-    stdin = sys.stdin.buffer
-    for raw in stdin:
-        parse_line(raw.decode("ascii", "replace"), groups)
+    fd = sys.stdin.fileno()
+    buf = b""
+    deadline: float | None = None
+    while True:
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        ready, _, _ = select.select([fd], [], [], timeout)
+        if not ready:
+            # The agent did not renew its lease in time (stopped, hung, cut off from the
+            # store): its lease may expire elsewhere soon, so its packages die now.
+            fenced = kill_groups(_recorded(groups))
+            groups.clear()
+            deadline = None
+            print(
+                f"vigil sentinel: agent {agent} missed its lease deadline; fenced process "
+                "groups " + " ".join(map(str, sorted(fenced))),
+                file=sys.stderr,
+                flush=True,
+            )
+            continue
+        data = os.read(fd, 65536)
+        if not data:
+            break
+        buf += data
+        while b"\n" in buf:
+            raw, buf = buf.split(b"\n", 1)
+            line = raw.decode("ascii", "replace").strip()
+            if line.startswith("D"):
+                deadline = parse_deadline(line)
+            else:
+                parse_line(line, groups)
     # EOF: the agent has closed the pipe, exited or died.
     killed = kill_groups(_recorded(groups))
     if state_file is not None:
@@ -427,6 +488,16 @@ def main(argv: list[str]) -> int:
             flush=True,
         )
     return 0
+
+
+def parse_deadline(line: str) -> float | None:
+    """``D SECONDS``: the CLOCK_MONOTONIC time by which the next renewal must arrive;
+    ``D 0`` disarms."""
+    try:
+        value = float(line[1:].strip())
+    except ValueError:
+        return None
+    return value if value > 0 else None
 
 
 if __name__ == "__main__":

@@ -152,6 +152,8 @@ class ServiceSupervisor:
     # ----------------------------------------------------------------- internals
 
     def _spawn(self) -> Child:
+        if self._registry is not None and not self._registry.may_spawn():
+            raise SpawnError(f"service {self.spec.name}: not started, this node is fenced")
         child = spawn(
             self.spec.command,
             env=self._env,
