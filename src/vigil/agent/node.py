@@ -40,6 +40,7 @@ from vigil.errors import Compacted, LeaseNotFound, StoreError, UsageError
 from vigil.keys import Keys
 from vigil.model import (
     AdminRecord,
+    Assignment,
     Event,
     HaltReason,
     MonitorStatus,
@@ -48,7 +49,8 @@ from vigil.model import (
     PackageStatus,
     StartReason,
 )
-from vigil.plan.planner import plan
+from vigil.plan.planner import Plan, plan
+from vigil.plan.planner import Verb as PlanVerb
 from vigil.snapshot import Snapshot, encode, read_snapshot
 from vigil.store import Compare, Delete, Op, Put, Store
 from vigil.supervise.monitor import MonitorVerdict
@@ -61,6 +63,9 @@ EVENTS_KEPT = 2000
 # the agent itself gives up renewing at FENCE_SELF (earlier, so it usually acts first).
 FENCE_SELF = 0.6
 FENCE_AT = 0.8
+# A new controller waits up to this many node_timeouts for the nodes listed in
+# cluster.toml before placing packages that never ran.
+FORMATION_WAIT = 2
 STATUS_FLUSH_INTERVAL = 0.05
 
 
@@ -123,6 +128,8 @@ class Agent:
         self._last_event_ns = 0
         self.left_cluster = False  # set by fence_node: the agent exits instead of rejoining
         self._claiming: set[str] = set()  # packages whose START is between decision and claim
+        self._controller_since = time.monotonic()
+        self._formation_timer: asyncio.TimerHandle | None = None
         self._background: set[asyncio.Task[None]] = set()  # see _abandon
 
     # ------------------------------------------------------------------ lifecycle
@@ -410,7 +417,7 @@ class Agent:
     async def _control(self, snap: Snapshot) -> Snapshot:
         """As the controller: plan from this snapshot and write the assignments that
         changed, fenced on the leader key. Returns the snapshot as written."""
-        result = plan(snap, time.time())
+        result = self._hold_for_formation(snap, plan(snap, time.time()))
         ops: list[Op] = []
         for pkg, a in result.assignments.items():
             if snap.assignments.get(pkg) != a:
@@ -433,6 +440,34 @@ class Agent:
             if snap.assignments.get(action.package) != result.assignments.get(action.package):
                 log.info("controller: %s", action)
         return dataclasses.replace(snap, assignments=result.assignments, revision=res.revision)
+
+    def _hold_for_formation(self, snap: Snapshot, result: Plan) -> Plan:
+        """Cluster formation: while nodes listed in cluster.toml are still joining
+        (for up to FORMATION_WAIT x node_timeout after this controller started), packages
+        that never ran anywhere are not placed yet, so that they start on their
+        preferred node rather than on whichever node joined first."""
+        listed = snap.cluster.nodes if snap.cluster and snap.cluster.nodes else []
+        missing = sorted(n for n in listed if n not in snap.nodes)
+        waited = time.monotonic() - self._controller_since
+        if not missing or waited > FORMATION_WAIT * self.cluster.node_timeout:
+            return result
+        reason = f"waiting for the cluster to form ({', '.join(missing)} not up yet)"
+        held = {
+            a.package
+            for a in result.actions
+            if a.verb is PlanVerb.START and snap.status_of(a.package).node is None
+        }
+        if not held:
+            return result
+        if self._formation_timer is None:
+            loop = asyncio.get_running_loop()
+            delay = FORMATION_WAIT * self.cluster.node_timeout - waited + 0.05
+            self._formation_timer = loop.call_later(delay, self._trigger.set)
+        assignments = dict(result.assignments)
+        for pkg in held:
+            assignments[pkg] = Assignment(node=None, reason=reason)
+        actions = [a for a in result.actions if a.package not in held]
+        return Plan(assignments=assignments, actions=actions)
 
     def _check_ownership(self, snap: Snapshot) -> None:
         for pkg, h in list(self.held.items()):
