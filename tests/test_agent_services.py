@@ -156,3 +156,53 @@ def test_maintenance_stops_monitoring(cluster: LocalCluster) -> None:
     cluster.vigil("package", "maintenance", "web", "--off")
     p = cluster.wait_state("web", "failed")
     assert "monitor probe failed" in p["message"]
+
+
+def test_relocatable_address_added_on_start_removed_on_halt(cluster: LocalCluster) -> None:
+    import subprocess
+
+    ip = "127.77.0.9"
+
+    def on_lo() -> bool:
+        out = subprocess.run(["ip", "-o", "addr", "show", "dev", "lo"], capture_output=True,
+                             text=True, check=True).stdout  # fmt: skip
+        return f"inet {ip}/32" in out
+
+    assert not on_lo()
+    web(cluster, 'command = ["sleep", "1000"]\n',
+        extra=f'[[address]]\nip = "{ip}/32"\ninterface = "lo"\n')  # fmt: skip
+    cluster.apply()
+    cluster.start_agents()
+    try:
+        cluster.wait_state("web", "running")
+        assert on_lo()
+        cluster.vigil("package", "halt", "web", "--wait")
+        assert not on_lo()
+    finally:
+        subprocess.run(["ip", "addr", "del", f"{ip}/32", "dev", "lo"], capture_output=True)
+
+
+def test_node_fail_fast_runs_fence_command(tmp_path_factory: pytest.TempPathFactory) -> None:
+    root = tmp_path_factory.mktemp("fence")
+    fenced = root / "fenced"
+    c = LocalCluster(root, ["node1"], extra_cluster=f'fence_command = ["touch", "{fenced}"]\n')
+    try:
+        c.write_script("s.sh", '[ "$1" = stop ] && exit 1\nexit 0\n')
+        c.write_package(
+            'name = "web"\nnode_fail_fast = true\n[[external_script]]\npath = "scripts/s.sh"\n'
+            '[[service]]\nname = "main"\ncommand = ["sleep", "1000"]\n'
+        )
+        c.apply()
+        c.start_agents()
+        c.wait_state("web", "running")
+        pid = service_pid(c)
+        c.vigil("package", "halt", "web")
+        deadline = time.monotonic() + 20
+        while not fenced.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert fenced.exists(), c.agent_log("node1")
+        assert c.agents["node1"].wait(timeout=20) == 3  # the agent left the cluster
+        assert not pid_alive(pid)
+        assert "fences itself" in c.agent_log("node1")
+    finally:
+        c.close()
