@@ -360,6 +360,12 @@ class Agent:
                 _, rev = await self.store.range(self.keys.config_cluster)
                 seen.clear()
                 self._trigger.set()
+            except StoreError as exc:
+                # The keepalive decides about fencing; the watch just resumes from the
+                # last event it saw once the store answers again.
+                log.warning("watch interrupted (%s); resuming from revision %d", exc, rev)
+                await asyncio.sleep(self.cluster.node_timeout / 6)
+                self._trigger.set()
 
     def _matters(self, key: str, value: bytes, seen: dict[str, tuple[object, ...]]) -> bool:
         """Whether a store change can change a decision. Events never do; a status
@@ -398,10 +404,11 @@ class Agent:
                     "node %s is now the controller of cluster %s", self.node, self.cluster.name
                 )
                 snap = await read_snapshot(self.store, self.keys)
+        read_at = snap.revision  # the owners in snap are as of this revision
         if snap.controller == self.node:
             snap = await self._control(snap)
         self.snapshot = snap
-        self._check_ownership(snap)
+        self._check_ownership(snap, read_at)
         local = {p: h.local() for p, h in self.held.items()}
         for d in decide(snap, self.node, local):
             held = self.held.get(d.package)
@@ -469,8 +476,12 @@ class Agent:
         actions = [a for a in result.actions if a.package not in held]
         return Plan(assignments=assignments, actions=actions)
 
-    def _check_ownership(self, snap: Snapshot) -> None:
+    def _check_ownership(self, snap: Snapshot, read_at: int) -> None:
         for pkg, h in list(self.held.items()):
+            if h.owner_rev > read_at:
+                # claimed by one of our own tasks while this snapshot was being read (or
+                # while the controller wrote its plan): the snapshot cannot know it yet
+                continue
             if snap.owners.get(pkg) != self.node or snap.owner_revisions.get(pkg) != h.owner_rev:
                 log.error("package %s: lost its owner key; killing its processes", pkg)
                 if self.registry is not None:

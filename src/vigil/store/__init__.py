@@ -5,10 +5,14 @@
 - ``sqlite:///ABSOLUTE/PATH`` — the embedded default, one file shared by the
   processes of one host (``SQLiteStore``);
 - ``memory://`` — a new in-process ``MemoryStore`` (tests, demos);
-- ``etcd://HOST:PORT`` — not available yet.
+- ``etcd://HOST[:PORT][,HOST[:PORT]...]`` — an etcd v3 cluster, reached at
+  ``http://HOST:PORT`` (port 2379 by default) through its JSON gateway
+  (``vigil.store.etcd.EtcdStore``, imported only when such a URL is opened).
 """
 
 from __future__ import annotations
+
+import re
 
 from vigil.errors import StoreUnavailable
 from vigil.store.base import (
@@ -48,13 +52,28 @@ __all__ = [
     "prefix_end",
 ]
 
-_EXPECTED = "expected sqlite:///ABSOLUTE/PATH, memory:// or etcd://HOST:PORT"
+_EXPECTED = "expected sqlite:///ABSOLUTE/PATH, memory:// or etcd://HOST:PORT[,HOST:PORT...]"
+_ETCD_HOST = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+)(?::([0-9]{1,5}))?")
+_ETCD_PORT = 2379
+
+
+def _etcd_endpoints(url: str) -> list[str]:
+    """``etcd://h1:2379,h2`` → ``["http://h1:2379", "http://h2:2379"]``."""
+    hosts = url.removeprefix("etcd://").split(",")
+    endpoints = []
+    for host in hosts:
+        match = _ETCD_HOST.fullmatch(host.strip())
+        if match is None or not 0 < int(match.group(2) or _ETCD_PORT) < 65536:
+            raise StoreUnavailable(f"store url {url!r}: bad etcd member {host!r}; {_EXPECTED}")
+        endpoints.append(f"http://{match.group(1)}:{match.group(2) or _ETCD_PORT}")
+    return endpoints
 
 
 def open_store(url: str) -> Store:
     """The store named by ``url``; raises StoreUnavailable for an unusable URL.
 
-    Opening is lazy: a SQLite file is opened (and checked) by the first operation.
+    Opening is lazy: a SQLite file is opened (and checked), and etcd is
+    connected to, by the first operation.
     """
     if url.startswith("sqlite://"):
         path = url.removeprefix("sqlite://")
@@ -64,5 +83,7 @@ def open_store(url: str) -> Store:
     if url == "memory://":
         return MemoryStore()
     if url.startswith("etcd://"):
-        raise StoreUnavailable("etcd backend not available yet")
+        from vigil.store.etcd import EtcdStore  # httpx is imported only for etcd
+
+        return EtcdStore(_etcd_endpoints(url))
     raise StoreUnavailable(f"store url {url!r} is not supported; {_EXPECTED}")
