@@ -22,6 +22,7 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 test: lint
+	@sh scripts/ensure-system.sh
 	$(BIN)/pytest -q
 
 bench: $(STAMP)
