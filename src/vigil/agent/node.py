@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 import logging
 import os
@@ -27,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vigil.agent.controller import Controller
 from vigil.agent.decide import (
     Decision,
     LocalPackage,
@@ -40,7 +40,6 @@ from vigil.errors import Compacted, LeaseNotFound, StoreError, UsageError
 from vigil.keys import Keys
 from vigil.model import (
     AdminRecord,
-    Assignment,
     Event,
     HaltReason,
     MonitorStatus,
@@ -49,8 +48,6 @@ from vigil.model import (
     PackageStatus,
     StartReason,
 )
-from vigil.plan.planner import Plan, plan
-from vigil.plan.planner import Verb as PlanVerb
 from vigil.snapshot import Snapshot, encode, read_snapshot
 from vigil.store import Compare, Delete, Op, Put, Store
 from vigil.supervise.monitor import MonitorVerdict
@@ -63,9 +60,6 @@ EVENTS_KEPT = 2000
 # the agent itself gives up renewing at FENCE_SELF (earlier, so it usually acts first).
 FENCE_SELF = 0.6
 FENCE_AT = 0.8
-# A new controller waits up to this many node_timeouts for the nodes listed in
-# cluster.toml before placing packages that never ran.
-FORMATION_WAIT = 2
 STATUS_FLUSH_INTERVAL = 0.05
 
 
@@ -128,8 +122,9 @@ class Agent:
         self._last_event_ns = 0
         self.left_cluster = False  # set by fence_node: the agent exits instead of rejoining
         self._claiming: set[str] = set()  # packages whose START is between decision and claim
-        self._controller_since = time.monotonic()
-        self._formation_timer: asyncio.TimerHandle | None = None
+        self.controller = Controller(
+            store, self.keys, node, cluster.node_timeout, replan=self._trigger.set
+        )
         self._background: set[asyncio.Task[None]] = set()  # see _abandon
 
     # ------------------------------------------------------------------ lifecycle
@@ -256,10 +251,7 @@ class Agent:
             if t.get_name() in ("watch", "reconcile"):
                 t.cancel()
         with contextlib.suppress(StoreError):
-            await self.store.txn(
-                [Compare.value_is(self.keys.controller, self.node.encode())],
-                [Delete(self.keys.controller)],
-            )
+            await self.controller.resign()
         for h in self.held.values():
             if h.busy is not None:
                 with contextlib.suppress(Exception):
@@ -394,19 +386,8 @@ class Agent:
         if self._stopping:
             return
         snap = await read_snapshot(self.store, self.keys)
-        if snap.controller is None:
-            res = await self.store.txn(
-                [Compare.absent(self.keys.controller), Compare.exists(self.keys.node(self.node))],
-                [Put(self.keys.controller, self.node.encode(), lease=self.lease)],
-            )
-            if res.succeeded:
-                log.info(
-                    "node %s is now the controller of cluster %s", self.node, self.cluster.name
-                )
-                snap = await read_snapshot(self.store, self.keys)
         read_at = snap.revision  # the owners in snap are as of this revision
-        if snap.controller == self.node:
-            snap = await self._control(snap)
+        snap = await self.controller.step(snap, self.lease)
         self.snapshot = snap
         self._check_ownership(snap, read_at)
         local = {p: h.local() for p, h in self.held.items()}
@@ -420,61 +401,6 @@ class Agent:
                 self._claiming.add(d.package)
             log.info("package %s: %s (%s)", d.package, d.verb.value, d.reason)
             self._launch(d.package, self._carry_out(d, snap))
-
-    async def _control(self, snap: Snapshot) -> Snapshot:
-        """As the controller: plan from this snapshot and write the assignments that
-        changed, fenced on the leader key. Returns the snapshot as written."""
-        result = self._hold_for_formation(snap, plan(snap, time.time()))
-        ops: list[Op] = []
-        for pkg, a in result.assignments.items():
-            if snap.assignments.get(pkg) != a:
-                ops.append(Put(self.keys.assignment(pkg), encode(a)))
-        gone = [p for p in snap.assignments if p not in snap.packages]
-        ops += [Delete(self.keys.assignment(p)) for p in gone]
-        if not ops:
-            return snap
-        res = await self.store.txn(
-            [
-                Compare(self.keys.controller, "create", "==", snap.controller_revision),
-                Compare.value_is(self.keys.controller, self.node.encode()),
-            ],
-            ops,
-        )
-        if not res.succeeded:
-            log.warning("controller: lost the leader key; not writing the plan")
-            return snap
-        for action in result.actions:
-            if snap.assignments.get(action.package) != result.assignments.get(action.package):
-                log.info("controller: %s", action)
-        return dataclasses.replace(snap, assignments=result.assignments, revision=res.revision)
-
-    def _hold_for_formation(self, snap: Snapshot, result: Plan) -> Plan:
-        """Cluster formation: while nodes listed in cluster.toml are still joining
-        (for up to FORMATION_WAIT x node_timeout after this controller started), packages
-        that never ran anywhere are not placed yet, so that they start on their
-        preferred node rather than on whichever node joined first."""
-        listed = snap.cluster.nodes if snap.cluster and snap.cluster.nodes else []
-        missing = sorted(n for n in listed if n not in snap.nodes)
-        waited = time.monotonic() - self._controller_since
-        if not missing or waited > FORMATION_WAIT * self.cluster.node_timeout:
-            return result
-        reason = f"waiting for the cluster to form ({', '.join(missing)} not up yet)"
-        held = {
-            a.package
-            for a in result.actions
-            if a.verb is PlanVerb.START and snap.status_of(a.package).node is None
-        }
-        if not held:
-            return result
-        if self._formation_timer is None:
-            loop = asyncio.get_running_loop()
-            delay = FORMATION_WAIT * self.cluster.node_timeout - waited + 0.05
-            self._formation_timer = loop.call_later(delay, self._trigger.set)
-        assignments = dict(result.assignments)
-        for pkg in held:
-            assignments[pkg] = Assignment(node=None, reason=reason)
-        actions = [a for a in result.actions if a.package not in held]
-        return Plan(assignments=assignments, actions=actions)
 
     def _check_ownership(self, snap: Snapshot, read_at: int) -> None:
         for pkg, h in list(self.held.items()):
