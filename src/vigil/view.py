@@ -26,6 +26,9 @@ def package_state(snap: Snapshot, pkg: str) -> tuple[PackageState, str | None, s
     st = snap.status_of(pkg)
     owner = snap.owners.get(pkg)
     target = snap.assignments.get(pkg)
+    if st.state is PackageState.HALT_FAILED and owner != st.node:
+        # its node is gone, but a failed stop may have left things behind: still blocked
+        return st.state, st.node, f"{st.message}; node {st.node} is down"
     if st.state in ACTIVE_STATES and owner != st.node:
         if owner is None and target is not None and target.reason.startswith("start_wait"):
             return PackageState.START_WAIT, None, target.reason

@@ -36,6 +36,8 @@ def setup_logging(node: str, level: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    for noisy in ("httpx", "httpcore", "asyncio"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)  # one line per request is noise
 
 
 async def run_agent(config_dir: Path, node: str, state_dir: Path | None) -> int:

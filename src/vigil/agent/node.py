@@ -122,6 +122,7 @@ class Agent:
         self._last_event_ns = 0
         self.left_cluster = False  # set by fence_node: the agent exits instead of rejoining
         self._claiming: set[str] = set()  # packages whose START is between decision and claim
+        self._claim_tasks: dict[str, asyncio.Task[None]] = {}
         self.controller = Controller(
             store, self.keys, node, cluster.node_timeout, replan=self._trigger.set
         )
@@ -163,6 +164,10 @@ class Agent:
                     return
                 if self._fenced.is_set() and not stop.is_set():
                     await self._cancel_tasks()
+                    # Everything was killed: give the lease up at once (if it is still
+                    # alive) so that other nodes need not wait for it to expire.
+                    with contextlib.suppress(StoreError):
+                        await self.store.lease_revoke(self.lease)
                     await self._wait_for_store()
                     continue
                 break
@@ -205,7 +210,11 @@ class Agent:
         snap = await read_snapshot(self.store, self.keys)
         for pkg, st in snap.status.items():
             if st.node == self.node and pkg not in snap.owners and pkg not in self.held:
-                if st.state in (PackageState.FAILED, PackageState.HALTED):
+                if st.state in (
+                    PackageState.FAILED,
+                    PackageState.HALTED,
+                    PackageState.HALT_FAILED,  # blocked until an operator clears it
+                ):
                     continue
                 new = st.model_copy(
                     update={
@@ -283,9 +292,16 @@ class Agent:
         last_ok = time.monotonic()
         while True:
             await asyncio.sleep(ttl / 3)
+            if self._deadline_passed():
+                self._fence("the lease deadline passed (the agent was stalled)")
+                return
             sent = time.monotonic()
+            # never wait for a renewal past the point where we must fence ourselves
+            budget = min(ttl / 3, last_ok + ttl * FENCE_SELF - sent)
             try:
-                async with asyncio.timeout(ttl / 3):
+                if budget <= 0:
+                    raise TimeoutError
+                async with asyncio.timeout(budget):
                     await self.store.lease_keepalive(self.lease)
                 last_ok = sent
                 self._arm(sent)
@@ -293,16 +309,27 @@ class Agent:
                 self._fence("node lease expired")
                 return
             except (StoreError, TimeoutError) as exc:
+                why = str(exc) or f"no answer within {max(budget, 0):.2f}s"
                 # The lease runs from the last renewal the store saw, which was sent at
                 # or after last_ok: kill everything while there is still margin.
-                if time.monotonic() - last_ok > ttl * FENCE_SELF:
-                    self._fence(f"cannot renew the node lease: {exc or 'timeout'}")
+                if time.monotonic() - last_ok >= ttl * FENCE_SELF - 0.001:
+                    self._fence(f"cannot renew the node lease: {why}")
                     return
-                log.warning("lease renewal failed (%s); retrying", exc or "timeout")
+                log.warning("lease renewal failed (%s); retrying", why)
+
+    def _deadline_passed(self) -> bool:
+        """True once the sentinel's lease deadline passed: it has killed (or is killing)
+        every package process, so this node must fence and rejoin, not fail over."""
+        return self.registry is not None and not self.registry.may_spawn()
 
     def _fence(self, why: str) -> None:
         """Self-fencing: kill every package process now, forget what we held."""
+        if self._fenced.is_set():
+            return
         log.error("FENCING node %s: %s; killing every package process", self.node, why)
+        for task in self._claim_tasks.values():
+            task.cancel()  # a start whose claim is in flight must not go on
+        self._claim_tasks.clear()
         if self.registry is not None:
             self.registry.kill_all()
         for h in self.held.values():
@@ -400,7 +427,9 @@ class Agent:
             if d.verb is Verb.START:
                 self._claiming.add(d.package)
             log.info("package %s: %s (%s)", d.package, d.verb.value, d.reason)
-            self._launch(d.package, self._carry_out(d, snap))
+            task = self._launch(d.package, self._carry_out(d, snap))
+            if d.verb is Verb.START:
+                self._claim_tasks[d.package] = task
 
     def _check_ownership(self, snap: Snapshot, read_at: int) -> None:
         for pkg, h in list(self.held.items()):
@@ -418,11 +447,12 @@ class Agent:
     def _pgids_of(self, h: Held) -> set[int]:
         return {s.supervisor.pid for s in h.runner.services if s.supervisor.pid is not None}
 
-    def _launch(self, pkg: str, coro: Coroutine[Any, Any, None]) -> None:
+    def _launch(self, pkg: str, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.create_task(self._guard(pkg, coro), name=f"pkg-{pkg}")
         held = self.held.get(pkg)
         if held is not None:
             held.busy = task
+        return task
 
     async def _guard(self, pkg: str, coro: Coroutine[Any, Any, None]) -> None:
         try:
@@ -490,6 +520,8 @@ class Agent:
             await self._claim_and_start(pkg, reason, snap)
         finally:
             self._claiming.discard(pkg)
+            if self._claim_tasks.get(pkg) is asyncio.current_task():
+                del self._claim_tasks[pkg]
 
     async def _claim_and_start(self, pkg: str, reason: StartReason, snap: Snapshot) -> None:
         spec = snap.packages[pkg]
@@ -536,6 +568,9 @@ class Agent:
 
     async def _run_start(self, pkg: str, held: Held, snap: Snapshot) -> None:
         result = await held.runner.start()
+        if self._deadline_passed():
+            self._fence(f"package {pkg}: start interrupted, the lease deadline passed")
+            return
         if result.outcome is Outcome.OK:
             await self._set_state(pkg, PackageState.RUNNING, f"started ({held.start_reason.value})")
             await self._done_with_start_node(pkg)
@@ -730,6 +765,9 @@ class Agent:
     def _on_service_failed(self, pkg: str, svc: str, why: str) -> None:
         held = self.held.get(pkg)
         if held is None or self._stopping:
+            return
+        if self._deadline_passed():
+            self._fence(f"service {svc} of {pkg} died after the lease deadline passed")
             return
         if held.maintenance:
             log.warning(

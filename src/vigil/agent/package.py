@@ -184,7 +184,10 @@ class ServiceStep:
         try:
             await self.supervisor.start()
         except Exception as exc:  # SpawnError and OS errors: the step failed
-            return StepResult(Outcome.HALT, f"{self.label}: {exc}")
+            text = str(exc)
+            return StepResult(
+                Outcome.HALT, text if text.startswith(self.label) else f"{self.label}: {text}"
+            )
         return StepResult(Outcome.OK)
 
     async def down(self) -> bool:

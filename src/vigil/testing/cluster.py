@@ -1,20 +1,31 @@
 """LocalCluster: a real vigil cluster on one host for tests and benchmarks.
 
-Agents are real ``vigild`` processes, the store is a real SQLite file, commands are
-the real ``vigil`` CLI. Nothing is mocked::
+Agents are real ``vigild`` processes, the store is a real SQLite file (or any store
+URL, e.g. an etcd cluster started by the test), commands are the real ``vigil`` CLI.
+Nothing is mocked::
 
     with LocalCluster(tmp_path, nodes=["n1"]) as c:
         c.write_package('name = "web"\\n[[service]]\\nname = "s"\\ncommand = ["sleep", "100"]')
         c.apply()
         c.start_agents()
         c.wait(lambda v: v["packages"]["web"]["state"] == "running")
+
+Node isolation (``isolate=True``): each agent runs as ``unshare --pid --fork
+--mount-proc --kill-child vigild ...``, so each "node" is a PID namespace whose init
+(PID 1 inside) is ``vigild``. SIGKILL of that init kills everything the node started
+(agent, sentinel, services, scripts) at once: :meth:`LocalCluster.kill_node` is a hard
+node loss. The namespaces share the host's network and file system; only PIDs (and
+``/proc``) are private, so PIDs shown by ``vigil status`` are namespace-local
+(:meth:`LocalCluster.host_pid` translates them).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,16 +36,57 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from vigil.errors import StoreError
 from vigil.keys import Keys
 from vigil.snapshot import read_snapshot
-from vigil.store import open_store
+from vigil.store import Store, open_store
 from vigil.view import cluster_view
 
 View = dict[str, Any]
 
+UNSHARE = ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child"]
+# unshare gets SIGKILL if the test runner dies, and with it (--kill-child) the node's
+# whole PID namespace: no agent outlives an interrupted test run. Best effort.
+PDEATHSIG = ["setpriv", "--pdeathsig", "KILL"] if shutil.which("setpriv") else []
+
 
 def _bin(name: str) -> str:
     return str(Path(sys.executable).with_name(name))
+
+
+def _children(pid: int) -> list[int]:
+    """Host PIDs of the live children of ``pid`` (from /proc/PID/task/*/children)."""
+    out: list[int] = []
+    with contextlib.suppress(OSError):
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{tid}/children") as f:
+                out.extend(int(x) for x in f.read().split())
+    return out
+
+
+def _pid_ns(pid: int) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/ns/pid")
+    except OSError:
+        return None
+
+
+def _status_field(pid: int, name: str) -> str | None:
+    """One line of /proc/PID/status (``State``, ``NSpid``...), None if gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key == name:
+                    return value.strip()
+    except OSError:
+        return None
+    return None
+
+
+def _alive(pid: int) -> bool:
+    state = _status_field(pid, "State")
+    return state is not None and not state.startswith(("Z", "X"))
 
 
 class LocalCluster:
@@ -46,22 +98,35 @@ class LocalCluster:
         name: str = "test",
         node_timeout: str = "3s",
         extra_cluster: str = "",
+        store: str | None = None,
+        isolate: bool = False,
     ) -> None:
+        """``store``: the store URL (default: ``sqlite:///ROOT/store.db``); with a shared
+        store (etcd) give every cluster its own ``name``. ``isolate``: one PID namespace
+        per node (see the module docstring); needs ``unshare`` and the right to use it."""
         self.root = root
         self.nodes = nodes or ["node1"]
         self.name = name
+        self.isolate = isolate
+        if isolate and shutil.which("unshare") is None:
+            raise RuntimeError("LocalCluster(isolate=True) needs unshare (util-linux)")
         self.config = root / "config"
         (self.config / "packages").mkdir(parents=True, exist_ok=True)
         (self.config / "scripts").mkdir(exist_ok=True)
         self.logs = root / "logs"
         self.logs.mkdir(exist_ok=True)
         self.db = root / "store.db"
+        self.store_url = store or f"sqlite:///{self.db}"
         node_list = ", ".join(f'"{n}"' for n in self.nodes)
         (self.config / "cluster.toml").write_text(
-            f'name = "{name}"\nstore = "sqlite:///{self.db}"\nnode_timeout = "{node_timeout}"\n'
+            f'name = "{name}"\nstore = "{self.store_url}"\nnode_timeout = "{node_timeout}"\n'
             f'nodes = [{node_list}]\nstate_dir = "{root}/state"\n{extra_cluster}'
         )
         self.agents: dict[str, subprocess.Popen[bytes]] = {}
+        self._init: dict[str, int] = {}  # isolated node -> host PID of its vigild (ns init)
+        self._ns: dict[str, str] = {}  # isolated node -> its PID namespace ("pid:[N]")
+        self._runner: asyncio.Runner | None = None
+        self._store: Store | None = None
 
     # ------------------------------------------------------------------ config
 
@@ -108,9 +173,19 @@ class LocalCluster:
     # ------------------------------------------------------------------ agents
 
     def start_agent(self, node: str) -> subprocess.Popen[bytes]:
+        """Start ``vigild`` for ``node`` (in its own PID namespace with ``isolate``)."""
         log = (self.logs / f"{node}.log").open("ab")
+        argv = [
+            _bin("vigild"),
+            "--node",
+            node,
+            "--config",
+            str(self.config),
+            "--log-level",
+            "debug",
+        ]
         proc = subprocess.Popen(
-            [_bin("vigild"), "--node", node, "--config", str(self.config), "--log-level", "debug"],
+            [*PDEATHSIG, *UNSHARE, *argv] if self.isolate else argv,
             stdout=log,
             stderr=log,
             stdin=subprocess.DEVNULL,
@@ -119,27 +194,152 @@ class LocalCluster:
         )
         log.close()
         self.agents[node] = proc
+        self._init.pop(node, None)
+        self._ns.pop(node, None)
+        if self.isolate:
+            self.agent_pid(node)  # learn the namespace now, while it surely exists
         return proc
 
     def start_agents(self) -> None:
         for n in self.nodes:
             self.start_agent(n)
 
-    def kill_agent(self, node: str, sig: int = signal.SIGKILL) -> None:
+    def agent_pid(self, node: str, timeout: float = 10) -> int:
+        """Host PID of the node's ``vigild``: with ``isolate``, the only child of the
+        ``unshare`` process (the namespace's init)."""
         proc = self.agents[node]
-        proc.send_signal(sig)
+        if not self.isolate:
+            return proc.pid
+        known = self._init.get(node)
+        if known is not None:
+            return known
+        deadline = time.monotonic() + timeout
+        while True:
+            kids = _children(proc.pid)
+            if kids:
+                init = kids[0]
+                ns = _pid_ns(init)
+                if ns is not None and ns != _pid_ns(proc.pid):
+                    self._init[node] = init
+                    self._ns[node] = ns
+                    return init
+            if proc.poll() is not None:
+                raise RuntimeError(f"node {node}: unshare exited {proc.returncode}; see its log")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"node {node}: vigild did not appear under unshare")
+            time.sleep(0.005)
+
+    def node_pids(self, node: str) -> list[int]:
+        """Host PIDs of the live processes of an isolated node's PID namespace."""
+        ns = self._ns.get(node)
+        if ns is None:
+            return []
+        return [
+            int(name)
+            for name in os.listdir("/proc")
+            if name.isdigit() and _pid_ns(int(name)) == ns and _alive(int(name))
+        ]
+
+    def host_pid(self, node: str, ns_pid: int) -> int:
+        """The host PID of the process that ``node`` knows as ``ns_pid`` (the PIDs
+        ``vigil status --json`` shows are the agent's own, namespace-local ones).
+        Raises LookupError if that node has no such live process."""
+        if not self.isolate:
+            if not _alive(ns_pid):
+                raise LookupError(f"node {node}: no live process {ns_pid}")
+            return ns_pid
+        self.agent_pid(node)
+        for pid in self.node_pids(node):
+            nspid = _status_field(pid, "NSpid")
+            if nspid is not None and int(nspid.split()[-1]) == ns_pid:
+                return pid
+        raise LookupError(f"node {node}: no live process {ns_pid} in its PID namespace")
+
+    def kill_node(self, node: str, timeout: float = 10) -> int:
+        """Hard loss of an isolated node: SIGKILL its namespace's init (and ``unshare``),
+        then wait until no process of the namespace is left. Returns the
+        ``time.monotonic_ns()`` of the SIGKILL."""
+        if not self.isolate:
+            raise RuntimeError("kill_node needs LocalCluster(isolate=True); see kill_agent")
+        proc = self.agents.pop(node)
+        init = self._init.get(node)
+        if init is None and proc.poll() is None:
+            init = self.agent_pid(node)
+        t0 = time.monotonic_ns()
+        if init is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(init, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        proc.wait(timeout=timeout)
+        deadline = time.monotonic() + timeout
+        while left := self.node_pids(node):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"node {node}: processes {left} survived its namespace")
+            time.sleep(0.005)
+        self._init.pop(node, None)
+        self._ns.pop(node, None)
+        return t0
+
+    def pause_agent(self, node: str) -> None:
+        """SIGSTOP the node's ``vigild`` only (its sentinel and services keep running)."""
+        os.kill(self.agent_pid(node), signal.SIGSTOP)
+
+    def resume_agent(self, node: str) -> None:
+        os.kill(self.agent_pid(node), signal.SIGCONT)
+
+    def kill_agent(self, node: str, sig: int = signal.SIGKILL) -> None:
+        """Signal the node's ``vigild`` (with ``isolate``, SIGKILL kills the whole node)."""
+        proc = self.agents[node]
+        pid = self.agent_pid(node)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
         if sig in (signal.SIGKILL, signal.SIGTERM, signal.SIGINT):
+            if sig != signal.SIGKILL:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
             proc.wait(timeout=60)
 
     def stop_agent(self, node: str, timeout: float = 60) -> int:
-        proc = self.agents.pop(node)
+        """SIGTERM the node's ``vigild`` (it halts its packages and leaves); SIGKILL
+        (of the whole node, with ``isolate``) if it has not exited after ``timeout``."""
+        proc = self.agents[node]
         if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
+            pid = self.agent_pid(node)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+                os.kill(pid, signal.SIGCONT)  # a paused agent must act on it
         try:
-            return proc.wait(timeout=timeout)
+            rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
+            if self.isolate:
+                self.kill_node(node)
+                return proc.wait()
             os.killpg(proc.pid, signal.SIGKILL)
-            return proc.wait()
+            rc = proc.wait()
+        self.agents.pop(node, None)
+        if self.isolate:
+            deadline = time.monotonic() + 10
+            while self.node_pids(node) and time.monotonic() < deadline:
+                time.sleep(0.005)
+            self._init.pop(node, None)
+            self._ns.pop(node, None)
+        return rc
+
+    def controller(self) -> str | None:
+        """The node holding the controller (leader) key, from the store."""
+        for name, n in self.view()["nodes"].items():
+            if n.get("controller"):
+                return str(name)
+        return None
+
+    def wait_nodes_up(self, nodes: list[str] | None = None, timeout: float = 20) -> View:
+        want = nodes or self.nodes
+        return self.wait(
+            lambda v: all(v["nodes"][n]["state"] == "up" for n in want),
+            timeout,
+            f"nodes {', '.join(want)} up",
+        )
 
     def agent_log(self, node: str) -> str:
         path = self.logs / f"{node}.log"
@@ -151,13 +351,23 @@ class LocalCluster:
         """What ``vigil status --json`` shows, read straight from the store (fast to poll)."""
 
         async def go() -> View:
-            store = open_store(f"sqlite:///{self.db}")
-            try:
-                return cluster_view(await read_snapshot(store, Keys(self.name)))
-            finally:
-                await store.close()
+            if self._store is None:
+                self._store = open_store(self.store_url)
+            return cluster_view(await read_snapshot(self._store, Keys(self.name)))
 
-        return asyncio.run(go())
+        if self._runner is None:
+            self._runner = asyncio.Runner()
+        try:
+            return self._runner.run(go())
+        except StoreError:
+            self._close_store()  # reconnect on the next call
+            raise
+
+    def _close_store(self) -> None:
+        store, self._store = self._store, None
+        if store is not None and self._runner is not None:
+            with contextlib.suppress(StoreError, OSError):
+                self._runner.run(store.close())
 
     def status_json(self) -> View:
         """``vigil status --json`` through the real CLI."""
@@ -176,7 +386,7 @@ class LocalCluster:
                 last = self.view()
                 if pred(last):
                     return last
-            except (KeyError, TypeError):
+            except (KeyError, TypeError, StoreError):
                 pass
             if time.monotonic() > deadline:
                 raise AssertionError(
@@ -197,8 +407,22 @@ class LocalCluster:
     # ------------------------------------------------------------------ teardown
 
     def close(self) -> None:
-        for node in list(self.agents):
-            self.stop_agent(node)
+        """Stop every agent (SIGTERM to all at once, so that packages halted by one
+        are not started by another that is about to stop too), then the store client."""
+        try:
+            for node, proc in self.agents.items():
+                if proc.poll() is None:
+                    with contextlib.suppress(ProcessLookupError, RuntimeError):
+                        pid = self.agent_pid(node)
+                        os.kill(pid, signal.SIGTERM)
+                        os.kill(pid, signal.SIGCONT)
+            for node in list(self.agents):
+                self.stop_agent(node)
+        finally:
+            self._close_store()
+            if self._runner is not None:
+                self._runner.close()
+                self._runner = None
 
     def __enter__(self) -> LocalCluster:
         return self
