@@ -26,8 +26,11 @@ test: lint
 	$(BIN)/pytest -q
 
 bench: $(STAMP)
+	@sh scripts/ensure-system.sh
 	$(BIN)/python bench/restart_latency.py
 	$(BIN)/python bench/agent_footprint.py
+	$(BIN)/python bench/planner.py
+	$(BIN)/python bench/failover.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -43,6 +43,7 @@ def setup_logging(node: str, level: str) -> None:
 async def run_agent(config_dir: Path, node: str, state_dir: Path | None) -> int:
     cluster = load_cluster(config_dir)
     store = open_store(cluster.store)
+    lease_store = open_store(cluster.store)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -53,11 +54,13 @@ async def run_agent(config_dir: Path, node: str, state_dir: Path | None) -> int:
         node,
         state_dir=state_dir or Path(cluster.state_dir) / node,
         config_dir=str(config_dir),
+        lease_store=lease_store,
     )
     try:
         await agent.run(stop)
     finally:
         await store.close()
+        await lease_store.close()
     return 3 if agent.left_cluster else 0
 
 

@@ -56,10 +56,17 @@ from vigil.supervise.sentinel import ProcessRegistry, cleanup_leftovers
 log = logging.getLogger("vigil.agent")
 
 EVENTS_KEPT = 2000
+RECONCILE_PACE_MAX = 0.2
+# At most this many package operations (start, halt, ...) run at once: a burst of
+# hundreds must not starve the loop that renews the lease.
+MAX_CONCURRENT_OPS = 16
 # The sentinel fences at this fraction of node_timeout after the last renewal was sent;
 # the agent itself gives up renewing at FENCE_SELF (earlier, so it usually acts first).
 FENCE_SELF = 0.6
 FENCE_AT = 0.8
+# Renew this often (a fraction of node_timeout): a slow renewal or two under load
+# still leaves time for another before FENCE_SELF.
+RENEW_EVERY = 1 / 6
 STATUS_FLUSH_INTERVAL = 0.05
 
 
@@ -100,8 +107,13 @@ class Agent:
         *,
         state_dir: Path,
         config_dir: str | None = None,
+        lease_store: Store | None = None,
     ) -> None:
         self.store = store
+        # The lease is renewed through its own store client (its own connection and,
+        # for SQLite, its own thread) so that a renewal never waits behind a burst of
+        # package work queued on the main client.
+        self.lease_store = lease_store or store
         self.cluster = cluster
         self.node = node
         self.keys = Keys(cluster.name)
@@ -123,6 +135,7 @@ class Agent:
         self.left_cluster = False  # set by fence_node: the agent exits instead of rejoining
         self._claiming: set[str] = set()  # packages whose START is between decision and claim
         self._claim_tasks: dict[str, asyncio.Task[None]] = {}
+        self._ops = asyncio.Semaphore(MAX_CONCURRENT_OPS)
         self.controller = Controller(
             store, self.keys, node, cluster.node_timeout, replan=self._trigger.set
         )
@@ -167,7 +180,7 @@ class Agent:
                     # Everything was killed: give the lease up at once (if it is still
                     # alive) so that other nodes need not wait for it to expire.
                     with contextlib.suppress(StoreError):
-                        await self.store.lease_revoke(self.lease)
+                        await self.lease_store.lease_revoke(self.lease)
                     await self._wait_for_store()
                     continue
                 break
@@ -182,7 +195,7 @@ class Agent:
         record = encode(NodeRecord(name=self.node, pid=os.getpid()))
         deadline = time.monotonic() + 2 * ttl + 1
         granted = time.monotonic()
-        self.lease = await self.store.lease_grant(ttl)
+        self.lease = await self.lease_store.lease_grant(ttl)
         self._arm(granted)
         while True:
             key = self.keys.node(self.node)
@@ -192,14 +205,14 @@ class Agent:
             if res.succeeded:
                 break
             if time.monotonic() > deadline:
-                await self.store.lease_revoke(self.lease)
+                await self.lease_store.lease_revoke(self.lease)
                 raise UsageError(
                     f"node {self.node} is already up in cluster {self.cluster.name} "
                     "(another vigild with this --node is running)"
                 )
             # a previous incarnation's lease has not expired yet; keep ours alive meanwhile
             sent = time.monotonic()
-            await self.store.lease_keepalive(self.lease)
+            await self.lease_store.lease_keepalive(self.lease)
             self._arm(sent)
             await asyncio.sleep(0.1)
         log.info("node %s joined cluster %s (lease %x)", self.node, self.cluster.name, self.lease)
@@ -275,7 +288,7 @@ class Agent:
                 await self._halt(pkg, HaltReason.USER_HALT, "node agent stopping")
         await self._flush_dirty()
         with contextlib.suppress(StoreError):
-            await self.store.lease_revoke(self.lease)
+            await self.lease_store.lease_revoke(self.lease)
         log.info("node %s left cluster %s", self.node, self.cluster.name)
 
     # ------------------------------------------------------------------ lease
@@ -291,18 +304,18 @@ class Agent:
         ttl = self.cluster.node_timeout
         last_ok = time.monotonic()
         while True:
-            await asyncio.sleep(ttl / 3)
+            await asyncio.sleep(ttl * RENEW_EVERY)
             if self._deadline_passed():
                 self._fence("the lease deadline passed (the agent was stalled)")
                 return
             sent = time.monotonic()
             # never wait for a renewal past the point where we must fence ourselves
-            budget = min(ttl / 3, last_ok + ttl * FENCE_SELF - sent)
+            budget = min(ttl / 3, last_ok + ttl * FENCE_SELF - sent)  # often > one interval
             try:
                 if budget <= 0:
                     raise TimeoutError
                 async with asyncio.timeout(budget):
-                    await self.store.lease_keepalive(self.lease)
+                    await self.lease_store.lease_keepalive(self.lease)
                 last_ok = sent
                 self._arm(sent)
             except LeaseNotFound:
@@ -404,10 +417,16 @@ class Agent:
         return True
 
     async def _reconcile_loop(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             await self._trigger.wait()
             self._trigger.clear()
+            started = loop.time()
             await self.reconcile()
+            # Pace reconciles under a burst of changes: each one reads and plans the
+            # whole cluster, so leave the loop at least as much time for everything else
+            # (starting processes, renewing the lease) as the reconcile took.
+            await asyncio.sleep(min(RECONCILE_PACE_MAX, loop.time() - started))
 
     async def reconcile(self) -> None:
         if self._stopping:
@@ -456,7 +475,8 @@ class Agent:
 
     async def _guard(self, pkg: str, coro: Coroutine[Any, Any, None]) -> None:
         try:
-            await coro
+            async with self._ops:
+                await coro
         except asyncio.CancelledError:
             raise
         except StoreError as exc:
@@ -573,7 +593,8 @@ class Agent:
             return
         if result.outcome is Outcome.OK:
             await self._set_state(pkg, PackageState.RUNNING, f"started ({held.start_reason.value})")
-            await self._done_with_start_node(pkg)
+            if snap.admin_of(pkg).start_node == self.node:
+                await self._done_with_start_node(pkg)
             return
         held.halt_reason = HaltReason.FAILURE
         if held.runner.done > 0:  # undo did not finish: processes may be left
@@ -851,7 +872,7 @@ class Agent:
         if self.registry is not None:
             self.registry.kill_all()
         with contextlib.suppress(StoreError):
-            await self.store.lease_revoke(self.lease)
+            await self.lease_store.lease_revoke(self.lease)
         self.held.clear()
         self.left_cluster = True
         self._fenced.set()

@@ -50,6 +50,18 @@ UNSHARE = ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child"]
 PDEATHSIG = ["setpriv", "--pdeathsig", "KILL"] if shutil.which("setpriv") else []
 
 
+def _summary(view: View, limit: int = 40) -> str:
+    """One line per package (at most ``limit``): what a failed wait shows."""
+    pkgs = view.get("packages", {})
+    lines = [
+        f"  {name}: {p.get('state')} on {p.get('node')} ({p.get('message', '')})"
+        for name, p in list(pkgs.items())[:limit]
+    ]
+    if len(pkgs) > limit:
+        lines.append(f"  ... and {len(pkgs) - limit} more")
+    return "\n".join(lines)
+
+
 def _bin(name: str) -> str:
     return str(Path(sys.executable).with_name(name))
 
@@ -391,7 +403,7 @@ class LocalCluster:
             if time.monotonic() > deadline:
                 raise AssertionError(
                     f"timed out after {timeout}s waiting for {what or pred}; last view:\n"
-                    + json.dumps(last.get("packages", last), indent=1)
+                    + _summary(last)
                     + "\n"
                     + "\n".join(self.agent_log(n)[-3000:] for n in self.nodes)
                 )
