@@ -39,7 +39,6 @@ from vigil.config import ClusterSpec, PackageSpec
 from vigil.errors import Compacted, LeaseNotFound, StoreError, UsageError
 from vigil.keys import Keys
 from vigil.model import (
-    AdminRecord,
     Event,
     HaltReason,
     MonitorStatus,
@@ -94,8 +93,7 @@ class Held:
         return LocalPackage(self.state, self.maintenance, self.cleared_generation)
 
 
-class Fenced(Exception):
-    """This node lost its lease: every package was killed."""
+_LEAVE_ALONE = {Verb.MAINTENANCE_ON: PackageState.MAINTENANCE, Verb.DETACH: PackageState.DETACHED}
 
 
 class Agent:
@@ -499,26 +497,21 @@ class Agent:
             await self._clear(d.package, snap)
         elif d.verb is Verb.RELEASE:
             await self._release(d.package, PackageState.HALTED, d.reason)
-        elif d.verb is Verb.MAINTENANCE_ON:
-            h = self.held[d.package]
+        elif d.verb in _LEAVE_ALONE:
+            await self._leave_alone(d.package, _LEAVE_ALONE[d.verb], d.reason)
+        elif d.verb in (Verb.MAINTENANCE_OFF, Verb.ATTACH):
+            await self._leave_alone(d.package, None, d.reason)
+
+    async def _leave_alone(self, pkg: str, state: PackageState | None, why: str) -> None:
+        """Maintenance and detach (``state``) stop monitoring and failure handling;
+        ``state=None`` resumes them and the package is running again."""
+        h = self.held[pkg]
+        h.maintenance = state is not None
+        if state is not None:
             await h.runner.pause_monitors()
-            h.maintenance = True
-            await self._set_state(d.package, PackageState.MAINTENANCE, d.reason)
-        elif d.verb is Verb.MAINTENANCE_OFF:
-            h = self.held[d.package]
-            h.maintenance = False
+        else:
             await h.runner.resume_monitors()
-            await self._set_state(d.package, PackageState.RUNNING, d.reason)
-        elif d.verb is Verb.DETACH:
-            h = self.held[d.package]
-            await h.runner.pause_monitors()
-            h.maintenance = True
-            await self._set_state(d.package, PackageState.DETACHED, d.reason)
-        elif d.verb is Verb.ATTACH:
-            h = self.held[d.package]
-            h.maintenance = False
-            await h.runner.resume_monitors()
-            await self._set_state(d.package, PackageState.RUNNING, d.reason)
+        await self._set_state(pkg, state or PackageState.RUNNING, why)
 
     # ------------------------------------------------------------------ operations
 
@@ -876,7 +869,3 @@ class Agent:
         self.held.clear()
         self.left_cluster = True
         self._fenced.set()
-
-
-def admin_default(spec: PackageSpec) -> AdminRecord:
-    return AdminRecord(auto_run=spec.auto_run)
