@@ -27,11 +27,11 @@ class Keys:
         return self.root + "config/cluster"
 
     @property
-    def config_packages(self) -> str:
-        return self.root + "config/packages/"
+    def config_bundles(self) -> str:
+        return self.root + "config/bundle/"
 
-    def config_package(self, pkg: str) -> str:
-        return self.config_packages + pkg
+    def config_bundle(self, index: int) -> str:
+        return f"{self.config_bundles}{index:05d}"
 
     @property
     def nodes(self) -> str:

@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from vigil.config import ClusterSpec, PackageSpec
 from vigil.errors import StoreCorrupt
@@ -30,6 +30,24 @@ def decode(model: type[M], kv: KeyValue) -> M:
         raise StoreCorrupt(
             f"store key {kv.key}: {loc}: {first['msg']} (expected a {model.__name__} record)"
         ) from None
+
+
+_BUNDLE = TypeAdapter(list[PackageSpec])
+
+
+def decode_bundle(kv: KeyValue) -> list[PackageSpec]:
+    try:
+        return _BUNDLE.validate_json(kv.value)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        loc = ".".join(str(p) for p in first["loc"]) or "(value)"
+        raise StoreCorrupt(
+            f"store key {kv.key}: {loc}: {first['msg']} (expected a list of package specs)"
+        ) from None
+
+
+def encode_bundle(specs: list[PackageSpec]) -> bytes:
+    return _BUNDLE.dump_json(specs)
 
 
 def encode(record: BaseModel) -> bytes:
@@ -98,9 +116,9 @@ async def read_snapshot(store: Store, keys: Keys) -> Snapshot:
         raw[kv.key] = kv.mod_revision
         if kv.key == keys.config_cluster:
             cluster = decode(ClusterSpec, kv)
-        elif kv.key.startswith(keys.config_packages):
-            spec = decode(PackageSpec, kv)
-            packages[spec.name] = spec
+        elif kv.key.startswith(keys.config_bundles):
+            for spec in decode_bundle(kv):
+                packages[spec.name] = spec
     nodes = {keys.leaf(kv.key): decode(NodeRecord, kv) for kv in node_kvs}
     owners: dict[str, str] = {}
     owner_revs: dict[str, int] = {}

@@ -26,6 +26,7 @@ log = logging.getLogger("vigil.controller")
 # A new controller waits up to this many node_timeouts for the nodes listed in
 # cluster.toml before placing packages that never ran (cluster formation).
 FORMATION_WAIT = 2
+MAX_OPS_PER_TXN = 100
 
 
 class Controller:
@@ -79,20 +80,23 @@ class Controller:
         ops += [Delete(self.keys.assignment(p)) for p in snap.assignments if p not in snap.packages]
         if not ops:
             return snap
-        res = await self.store.txn(
-            [
-                Compare(self.keys.controller, "create", "==", snap.controller_revision),
-                Compare.value_is(self.keys.controller, self.node.encode()),
-            ],
-            ops,
-        )
-        if not res.succeeded:
-            log.warning("controller: lost the leader key; not writing the plan")
-            return snap
+        fence = [
+            Compare(self.keys.controller, "create", "==", snap.controller_revision),
+            Compare.value_is(self.keys.controller, self.node.encode()),
+        ]
+        # etcd allows 128 operations per transaction: write big plans in chunks, each
+        # fenced on the leader key (assignments are independent of one another).
+        revision = snap.revision
+        for i in range(0, len(ops), MAX_OPS_PER_TXN):
+            res = await self.store.txn(fence, ops[i : i + MAX_OPS_PER_TXN])
+            if not res.succeeded:
+                log.warning("controller: lost the leader key; not writing the plan")
+                return snap
+            revision = res.revision
         for action in result.actions:
             if snap.assignments.get(action.package) != result.assignments.get(action.package):
                 log.info("controller: %s", action)
-        return dataclasses.replace(snap, assignments=result.assignments, revision=res.revision)
+        return dataclasses.replace(snap, assignments=result.assignments, revision=revision)
 
     def _hold_for_formation(self, snap: Snapshot, result: Plan) -> Plan:
         """While nodes listed in cluster.toml are still joining (for up to

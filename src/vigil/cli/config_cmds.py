@@ -20,9 +20,9 @@ from vigil.cli.context import CliContext
 from vigil.config import CheckReport, ConfigTree, load_tree
 from vigil.errors import ConfigError, Conflict, VigilError
 from vigil.keys import Keys
-from vigil.model import ACTIVE_STATES, AdminRecord
+from vigil.model import ACTIVE_STATES
 from vigil.scripts.runner import run_script
-from vigil.snapshot import encode, read_snapshot
+from vigil.snapshot import encode, encode_bundle, read_snapshot
 from vigil.store import Compare, Delete, Op, Put, Store, open_store
 
 VALIDATE_TIMEOUT_CAP = 120.0
@@ -90,17 +90,32 @@ def check(obj: CliContext, directory: Path | None) -> None:
     click.echo(f"{config_dir}: valid (cluster {tree.cluster.name}, {n} package{'s' * (n != 1)})")
 
 
+BUNDLE = 100  # package specs per store key
+
+
 async def apply_tree(store: Store, tree: ConfigTree) -> list[str]:
-    """Write ``tree`` in one transaction. Returns notes for the operator."""
+    """Write ``tree`` in one transaction. Returns notes for the operator.
+
+    The package specs go in bundles of ``BUNDLE`` per key, so that even thousands of
+    packages are one transaction within etcd's limit of operations per transaction.
+    Every bundle key read is guarded by its revision: a concurrent apply makes this
+    one fail, never a mix of the two.
+    """
     keys = Keys(tree.cluster.name)
     snap = await read_snapshot(store, keys)
     notes: list[str] = []
-    compares: list[Compare] = []
-    ops: list[Op] = []
-    # Guard every key we read: a concurrent apply makes this one fail, never interleave.
-    for key in [keys.config_cluster, *(keys.config_package(p) for p in snap.packages)]:
-        compares.append(Compare.mod_revision(key, snap.raw_revisions.get(key, 0)))
-    ops.append(Put(keys.config_cluster, encode(tree.cluster)))
+    old_bundles = sorted(k for k in snap.raw_revisions if k.startswith(keys.config_bundles))
+    compares = [
+        Compare.mod_revision(k, snap.raw_revisions.get(k, 0))
+        for k in [keys.config_cluster, *old_bundles]
+    ]
+    ops: list[Op] = [Put(keys.config_cluster, encode(tree.cluster))]
+    names = sorted(tree.packages)
+    chunks = [names[i : i + BUNDLE] for i in range(0, len(names), BUNDLE)]
+    for i, chunk in enumerate(chunks):
+        ops.append(Put(keys.config_bundle(i), encode_bundle([tree.packages[n] for n in chunk])))
+    new_bundles = {keys.config_bundle(i) for i in range(len(chunks))}
+    ops += [Delete(k) for k in old_bundles if k not in new_bundles]
     for name in sorted(set(snap.packages) - set(tree.packages)):
         st = snap.status.get(name)
         if name in snap.owners or (st is not None and st.state in ACTIVE_STATES):
@@ -110,18 +125,14 @@ async def apply_tree(store: Store, tree: ConfigTree) -> list[str]:
                 f"on {snap.owners.get(name, st.node if st else '?')}: halt it before "
                 "removing it from the configuration; nothing applied",
             )
-        ops += [Delete(keys.config_package(name)), Delete(keys.admin(name)),
-                Delete(keys.status(name))]  # fmt: skip
+        ops += [Delete(keys.admin(name)), Delete(keys.status(name)),
+                Delete(keys.assignment(name))]  # fmt: skip
         notes.append(f"package {name}: removed")
     for name, spec in tree.packages.items():
         old = snap.packages.get(name)
         if old == spec:
             continue
-        ops.append(Put(keys.config_package(name), encode(spec)))
         if old is None:
-            akey = keys.admin(name)
-            compares.append(Compare.mod_revision(akey, snap.raw_revisions.get(akey, 0)))
-            ops.append(Put(akey, encode(AdminRecord(auto_run=spec.auto_run))))
             notes.append(f"package {name}: added")
         elif name in snap.owners:
             notes.append(f"package {name}: changed; running on {snap.owners[name]}, the change "
