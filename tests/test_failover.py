@@ -482,9 +482,18 @@ def test_same_node_dependency_follows_different_node_avoids(c: LocalCluster, log
     for pkg, node in (("db", "n2"), ("app", "n2"), ("mon", "n3")):
         wait_alive(log, pkg, node)
     assert_no_overlap(log)
-    db2 = next(i for i in runs(log, "db") if i.node == "n2")
-    app2 = next(i for i in runs(log, "app") if i.node == "n2")
-    assert app2.first > db2.first  # app waited for db to run there
+    # app waited for db to run there: vigil started app on n2 only after db was running
+    # (the witness records cannot tell: two Python services started 20 ms apart may
+    # write their first line in either order)
+    events = [
+        json.loads(line)
+        for line in c.vigil("events", "--json", "--last", "500").stdout.splitlines()
+    ]
+    db_up = min(e["time"] for e in events
+                if (e["package"], e["node"], e["to_state"]) == ("db", "n2", "running"))  # fmt: skip
+    app_start = min(e["time"] for e in events
+                    if (e["package"], e["node"], e["to_state"]) == ("app", "n2", "starting"))  # fmt: skip
+    assert app_start > db_up
 
 
 def test_priority_wins_contested_node(c: LocalCluster, log: Path) -> None:

@@ -21,24 +21,36 @@ Rules (CONCEPTS §3-4), in the order they are applied:
    - a more important package needs its node (see 4) → halted;
    - an operator asked to move it (``package move`` / ``start -n``);
    - ``failback_policy = "automatic"``, global switching and cluster failover
-     are on, and a more preferred node is eligible → moved back (``failback``).
+     are on, and a more preferred node is eligible → moved back (``failback``);
+     with ``min_package_node``, only to a node running fewer packages than its
+     own (Serviceguard's rule; otherwise failback would undo the balancing).
    A package that the planner halts or moves first waits (``halt_wait``) until
-   the running packages that depend on it (``up``, any location) have halted:
-   halts go in reverse dependency order, at most ``successor_halt_timeout``.
+   the held packages that depend on it (``up``; ``same_node`` ones on its node,
+   the others anywhere) have halted: halts go in reverse dependency order, for at
+   most ``successor_halt_timeout`` (counted from the start of the wait).
 3. A package that is held by nobody is started when global switching is on, it
    is neither ``failed`` nor ``halt_failed`` (those wait for an operator; a
-   ``halt_failed`` package of a ``node_fail_fast`` package is free again: its
-   node fenced itself), it is not in maintenance, and a node is eligible: up,
-   not halted by an operator, node switching on, in the package's ``nodes``
-   list, dependencies satisfiable. With cluster ``failover = "off"`` a package
-   that ran somewhere may only start again on that node. The node is the first
-   in preference order (``configured_node``) or the one running the fewest
-   packages (``min_package_node``). A start never goes where a package it
-   excludes (``down``) is still held: the other one must have halted first.
-4. Priority: when a package cannot start (or fail back) only because of ``down``
-   exclusions by less important packages, those packages are halted to make
-   room (``automatic_halt``) and the package starts once they are gone. A more
-   important package is never displaced.
+   ``halt_failed`` ``node_fail_fast`` package is free again: its node fenced
+   itself), it is not in maintenance, and a node is eligible: up, not halted by
+   an operator, node switching on, in the package's ``nodes`` list, dependencies
+   satisfiable. With cluster ``failover = "off"`` a package that ran somewhere
+   (and was not halted by an operator) may only start again on that node. The
+   node is the first in preference order (``configured_node``) or the one running
+   the fewest packages (``min_package_node``; ties: preference order).
+   A start needs its ``up`` dependencies running (``running``, ``maintenance``,
+   ``detached``) where ``location`` says and not about to leave; it never goes
+   where a package it excludes (``down``) is held, placed, or waits for room:
+   the other one must have released the node first.
+4. Priority: a package that cannot start (or fail back) only because of ``down``
+   exclusions by less important packages has them halted where it will go
+   (``automatic_halt``, "making room") and starts once they are gone. So does a
+   package with automatic failback whose preferred node they hold (it would fail
+   back there a moment later), and any package whose preferred node a less
+   important one took earlier in the same plan (that one is simply not started).
+   "Less important" is strict and counts what depends on them: a package that a
+   more important one needs (and that runs or wants to) is not displaced, and
+   without priorities nobody is. A package waiting to start (or to move) keeps its
+   target node: packages it excludes do not start there meanwhile.
 """
 
 from __future__ import annotations
@@ -235,7 +247,7 @@ class _Planner:
             ]
         if admin.disabled_nodes:
             return [n for n in base if n not in admin.disabled_nodes]
-        return list(base)
+        return base  # shared: callers build new lists, never change this one
 
     def _keep_since(
         self, pkg: str, node: str | None, reason: str, *, prefix: bool = False
@@ -289,16 +301,27 @@ class _Planner:
         return (priority(self.packages[a]), a) < (priority(self.packages[b]), b)
 
     def _effective_priority(self, pkg: str) -> int:
-        """The priority of ``pkg`` or of the most important held package that needs it
-        (``up``, transitively): halting ``pkg`` halts them too."""
+        """The priority of ``pkg`` or of the most important package that needs it
+        (``up``, transitively) and runs or wants to: halting ``pkg`` halts them too."""
         got = self._effective.get(pkg)
         if got is None:
             got = self._effective[pkg] = priority(self.packages[pkg])  # cycle guard
             for q in self.dependents.get(pkg, ()):
-                if q in self.held_by:
+                if q in self.held_by or self._wants_to_run(q):
                     got = min(got, self._effective_priority(q))
             self._effective[pkg] = got
         return got
+
+    def _wants_to_run(self, pkg: str) -> bool:
+        """Whether the cluster would start ``pkg`` if it could (switching on, not in
+        maintenance, not waiting for an operator)."""
+        admin = self.snap.admin_of(pkg)
+        if not admin.auto_run or admin.halt_requested or admin.maintenance:
+            return False
+        st = self.snap.status_of(pkg)
+        if st.state is PackageState.FAILED:
+            return False
+        return st.state is not PackageState.HALT_FAILED or self.packages[pkg].node_fail_fast
 
     def _outranks(self, a: str, b: str) -> bool:
         """Whether ``a`` may displace ``b``: a strictly better priority than ``b`` and
@@ -318,17 +341,20 @@ class _Planner:
         *,
         starting: bool = False,
         ignore: frozenset[str] = frozenset(),
+        soon: bool = False,
     ) -> bool:
         """Whether ``dep`` allows running on ``node`` given current placements. A package
         about to start (``starting``) needs its ``up`` dependencies actually running,
         and the packages it excludes (``down``) gone from the node for real: released,
-        not only planned away. ``ignore``: excluded packages about to make room."""
+        not only planned away, nor waiting for room there. ``ignore``: excluded packages
+        about to make room. ``soon``: where it could start once its ``up`` dependencies
+        placed in this plan run."""
         other = dep.package
         where = self.placed.get(other)
         if dep.condition == "up":
-            if where is None:
+            if where is None or (starting and other in self.leaving):
                 return False
-            if starting and (self.running.get(other) != where or other in self.leaving):
+            if starting and not soon and self.running.get(other) != where:
                 return False
             if dep.location == "same_node":
                 return where == node
@@ -349,7 +375,12 @@ class _Planner:
         return False
 
     def _candidates(
-        self, pkg: str, nodes: Iterable[str], ignore: frozenset[str] = frozenset()
+        self,
+        pkg: str,
+        nodes: Iterable[str],
+        ignore: frozenset[str] = frozenset(),
+        *,
+        soon: bool = False,
     ) -> tuple[list[str], str | None]:
         """Nodes allowed by every dependency, or ([], why not)."""
         spec = self.packages[pkg]
@@ -358,7 +389,9 @@ class _Planner:
             if dep.package not in self.packages:
                 continue
             before = out
-            out = [n for n in out if self._dep_allows(dep, n, starting=True, ignore=ignore)]
+            out = [
+                n for n in out if self._dep_allows(dep, n, starting=True, ignore=ignore, soon=soon)
+            ]
             if before and not out:
                 return [], self._dep_text(dep)
         return out, None
@@ -371,7 +404,9 @@ class _Planner:
             if d.condition == "down"
             and d.package in self.packages
             and d.package != pkg
-            and (d.package in self.placed or d.package in self.held_by)
+            and (
+                d.package in self.placed or d.package in self.held_by or d.package in self.reserved
+            )
             and self._outranks(pkg, d.package)
             and not self._in_maintenance(d.package)
         )
@@ -454,6 +489,16 @@ class _Planner:
             self._stop(pkg, owner, self.must_halt[pkg])
             return
         if state is not PackageState.RUNNING:
+            prev = self.snap.assignments.get(pkg)
+            if state is PackageState.HALTING and prev is not None and prev.node != owner:
+                # A move or a halt is under way: keep pointing where it goes, or the
+                # node halting it would start it again once it is released.
+                if prev.node is None:
+                    self._unplace(pkg)
+                else:
+                    self._place(pkg, prev.node)
+                self.assign[pkg] = prev
+                return
             self._set(pkg, owner, f"{state.value} on {owner}")
             return
         node_admin = self.snap.node_admin.get(owner)
@@ -589,6 +634,8 @@ class _Planner:
             limit = self.packages[pkg].successor_halt_timeout
             if limit is None or self.now - since < limit:
                 self.leaving.add(pkg)
+                if target is not None:
+                    self.reserved[pkg] = target
                 self._set(pkg, owner, reason, since=since)
                 self.actions.append(Action(Verb.WAIT, pkg, owner, owner, reason))
                 return
@@ -641,6 +688,13 @@ class _Planner:
             self._set(pkg, None, "no eligible node (its nodes are down, halted or switched off)")
             return
         cands, why = self._candidates(pkg, eligible)
+        if cands and spec.failover_policy == "configured_node":
+            target, blockers = self._claim_preferred(pkg, spec, eligible, cands[0])
+            if target is not None:
+                reason = f"start_wait: waiting for {', '.join(blockers)} to make room on {target}"
+                self._set(pkg, None, reason)
+                self.actions.append(Action(Verb.WAIT, pkg, None, None, reason))
+                return
         if not cands:
             self._make_room(pkg, spec, eligible)
             reason = f"start_wait: {why}"
@@ -656,13 +710,45 @@ class _Planner:
         self._set(pkg, node, f"{reason.value} on {node}", start_reason=reason)
         self.actions.append(Action(Verb.START, pkg, node, st.node, reason.value))
 
-    def _make_room(self, pkg: str, spec: PackageSpec, eligible: list[str]) -> None:
-        """A package excluded only by less important ones (``down``) has them halted
-        where it would start; it starts once they are gone."""
+    def _claim_preferred(
+        self, pkg: str, spec: PackageSpec, eligible: list[str], first: str
+    ) -> tuple[str | None, list[str]]:
+        """Less important packages that this plan placed (not started yet) do not keep
+        a more important one off a node it prefers to ``first``: they are told not to
+        start, and the next pass places the more important one first. With automatic
+        failback, running ones make room too (failback would displace them a moment
+        later): returns (the node it waits for, the packages to wait for) then."""
         weaker = self._weaker_exclusions(pkg)
+        cluster = self.snap.cluster
+        if spec.failback_policy != "automatic" or (
+            cluster is not None and cluster.failover == "off"
+        ):
+            weaker = frozenset(b for b in weaker if b not in self.held_by)
         if not weaker:
-            return
-        cands, _ = self._candidates(pkg, eligible, ignore=weaker)
+            return None, []
+        better = eligible[: eligible.index(first)]
+        cands, _ = self._candidates(pkg, better, ignore=weaker)
+        if not cands:
+            return None, []
+        blockers = self._blockers_at(pkg, cands[0], weaker)
+        for b in blockers:
+            self._mark(b, f"making room for more important package {pkg}")
+        if any(b in self.held_by for b in blockers):
+            self.reserved[pkg] = cands[0]
+            return cands[0], blockers
+        return None, []
+
+    def _make_room(self, pkg: str, spec: PackageSpec, eligible: list[str]) -> None:
+        """A package that cannot start yet reserves the node it would start on once its
+        ``up`` dependencies placed in this plan run, and the less important packages it
+        excludes (``down``) there are halted: it starts once they are gone. Packages it
+        excludes do not start on the reserved node meanwhile."""
+        weaker: frozenset[str] = frozenset()
+        cands, _ = self._candidates(pkg, eligible, soon=True)
+        if not cands:  # no node without displacing somebody
+            weaker = self._weaker_exclusions(pkg)
+            if weaker:
+                cands, _ = self._candidates(pkg, eligible, ignore=weaker, soon=True)
         if not cands:
             return
         target = self._pick(spec, cands)
