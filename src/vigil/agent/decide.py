@@ -109,8 +109,9 @@ def _decide_free(pkg: str, node: str, snapshot: Snapshot, admin: AdminRecord) ->
     if spec is None or pkg in snapshot.owners or target is None or target.node != node:
         return None
     status = snapshot.status_of(pkg)
-    if status.state in (PackageState.FAILED, PackageState.HALT_FAILED):
-        return None
+    fenced = status.state is PackageState.HALT_FAILED and spec.node_fail_fast
+    if status.state in (PackageState.FAILED, PackageState.HALT_FAILED) and not fenced:
+        return None  # blocked until an operator clears it (node_fail_fast: its node fenced)
     if not admin.auto_run or admin.maintenance or admin.halt_requested:
         return None
     if node not in eligible_nodes(spec, admin, snapshot):

@@ -272,7 +272,7 @@ class Agent:
                 t.cancel()
         with contextlib.suppress(StoreError):
             await self.controller.resign()
-        for h in self.held.values():
+        for h in list(self.held.values()):  # awaiting lets operations finish and release
             if h.busy is not None:
                 with contextlib.suppress(Exception):
                     await h.busy
