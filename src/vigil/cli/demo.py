@@ -157,6 +157,13 @@ async def _running(cfg: Path, timeout: float) -> bool:
         await store.close()
 
 
+def _say(text: str) -> None:
+    """Print while shutting down; a closed stdout (``vigil demo | head``) must not
+    keep the agents from being stopped."""
+    with contextlib.suppress(OSError):
+        click.echo(text)
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -272,7 +279,7 @@ def demo(count: int, duration: float | None, directory: Path | None) -> None:
     except KeyboardInterrupt:
         pass
     finally:
-        click.echo("vigil demo: stopping the agents ...")
+        _say("vigil demo: stopping the agents ...")
         pids = {a.pid for a in agents if a.poll() is None}
         pids |= _agent_pids(cfg)  # agents started again by start-node.sh
         for pid in pids:
@@ -293,4 +300,4 @@ def demo(count: int, duration: float | None, directory: Path | None) -> None:
                 a.wait()
         if not keep:
             shutil.rmtree(root, ignore_errors=True)
-        click.echo("vigil demo: stopped" + (f"; files kept in {root}" if keep else ""))
+        _say("vigil demo: stopped" + (f"; files kept in {root}" if keep else ""))
