@@ -3,25 +3,20 @@ limit of 128 operations per transaction, and a controller writes big plans."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from vigil.testing.cluster import LocalCluster
-from vigil.testing.etcd import EtcdCluster, find_etcd
+from vigil.testing.etcd import EtcdCluster, require_etcd
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def etcd_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    binary = find_etcd()
-    if binary is None:
-        if os.environ.get("CI"):
-            pytest.fail("CI must run the etcd tests: no etcd binary")
-        pytest.skip("no etcd binary (apt-get install etcd-server, or set VIGIL_ETCD)")
+    binary = require_etcd()
     with EtcdCluster(tmp_path_factory.mktemp("etcd"), members=1, binary=binary) as etcd:
         yield etcd.url
 

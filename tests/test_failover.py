@@ -91,16 +91,9 @@ def backend(
     if request.param == "sqlite":
         yield Backend("sqlite", None)
         return
-    try:
-        from vigil.testing.etcd import EtcdCluster, find_etcd
-    except ImportError as exc:
-        pytest.skip(f"the etcd test harness is not available: {exc}")
-    binary = find_etcd()
-    if binary is None:
-        message = "no etcd binary (apt-get install etcd-server, or set VIGIL_ETCD)"
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must run the etcd tests: {message}")
-        pytest.skip(message)
+    from vigil.testing.etcd import EtcdCluster, require_etcd
+
+    binary = require_etcd()
     with EtcdCluster(tmp_path_factory.mktemp("etcd"), members=3, binary=binary) as etcd:
         yield Backend("etcd", etcd.url, etcd)
 

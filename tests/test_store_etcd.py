@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import os
 import socket
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -23,19 +22,14 @@ from vigil.errors import Compacted, LeaseNotFound, StoreCorrupt, StoreUnavailabl
 from vigil.store import Compare, Delete, EventType, Get, Put, WatchEvent, open_store
 from vigil.store.etcd import EtcdStore
 from vigil.testing import wait_for
-from vigil.testing.etcd import EtcdCluster, find_etcd
+from vigil.testing.etcd import EtcdCluster, require_etcd
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
-    binary = find_etcd()
-    if binary is None:
-        message = "no etcd binary (apt-get install etcd-server, or set VIGIL_ETCD)"
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must run the etcd tests: {message}")
-        pytest.skip(message)
+    binary = require_etcd()
     with EtcdCluster(tmp_path_factory.mktemp("etcd"), members=3, binary=binary) as c:
         yield c
 

@@ -21,15 +21,17 @@ from vigil.store import Get, KeyValue, Store
 M = TypeVar("M", bound=BaseModel)
 
 
+def _corrupt(kv: KeyValue, exc: ValidationError, expected: str) -> StoreCorrupt:
+    first = exc.errors(include_url=False)[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "(value)"
+    return StoreCorrupt(f"store key {kv.key}: {loc}: {first['msg']} (expected {expected})")
+
+
 def decode(model: type[M], kv: KeyValue) -> M:
     try:
         return model.model_validate_json(kv.value)
     except ValidationError as exc:
-        first = exc.errors(include_url=False)[0]
-        loc = ".".join(str(p) for p in first["loc"]) or "(value)"
-        raise StoreCorrupt(
-            f"store key {kv.key}: {loc}: {first['msg']} (expected a {model.__name__} record)"
-        ) from None
+        raise _corrupt(kv, exc, f"a {model.__name__} record") from None
 
 
 _BUNDLE = TypeAdapter(list[PackageSpec])
@@ -39,11 +41,7 @@ def decode_bundle(kv: KeyValue) -> list[PackageSpec]:
     try:
         return _BUNDLE.validate_json(kv.value)
     except ValidationError as exc:
-        first = exc.errors(include_url=False)[0]
-        loc = ".".join(str(p) for p in first["loc"]) or "(value)"
-        raise StoreCorrupt(
-            f"store key {kv.key}: {loc}: {first['msg']} (expected a list of package specs)"
-        ) from None
+        raise _corrupt(kv, exc, "a list of package specs") from None
 
 
 def encode_bundle(specs: list[PackageSpec]) -> bytes:

@@ -307,3 +307,16 @@ class EtcdCluster:
 
     def _tail(self, i: int, lines: int = 15) -> str:
         return "\n".join(self.log(i).splitlines()[-lines:])
+
+
+def require_etcd() -> str:
+    """The etcd binary for a test, or skip it (fail it in CI, which must run them)."""
+    import pytest
+
+    binary = find_etcd()
+    if binary is None:
+        message = "no etcd binary (apt-get install etcd-server, or set VIGIL_ETCD)"
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run the etcd tests: {message}")
+        pytest.skip(message)
+    return binary
