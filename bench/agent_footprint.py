@@ -369,12 +369,7 @@ def main() -> int:
     args = p.parse_args()
     if args.packages < 1 or args.window <= 0 or args.settle < 0:
         p.error("need --packages >= 1, --window > 0, --settle >= 0")
-    benchlib.raise_on_termination()
-    try:
-        return run(args)
-    except (KeyboardInterrupt, benchlib.Interrupted) as exc:
-        print(f"bench: interrupted ({type(exc).__name__} {exc}), cleaned up", file=sys.stderr)
-        return 130
+    return benchlib.run_main(run, args)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import platform
 import signal
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -228,3 +228,14 @@ def require_vigil() -> None:
             "bench: cannot import vigil; run with the project's virtual environment: "
             ".venv/bin/python bench/NAME.py (or `make bench`)"
         )
+
+
+def run_main(run: Callable[[Any], int], args: Any) -> int:
+    """Run a benchmark's ``run(args)``; Ctrl-C or SIGTERM end it with 130 after its
+    own cleanup ran."""
+    raise_on_termination()
+    try:
+        return run(args)
+    except (KeyboardInterrupt, Interrupted) as exc:
+        print(f"bench: interrupted ({type(exc).__name__} {exc}), cleaned up", file=sys.stderr)
+        return 130

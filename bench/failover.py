@@ -419,12 +419,7 @@ def main() -> int:
     if args.trials < 0 or args.mass < 0:
         p.error("need --trials >= 0 and --mass >= 0")
     benchlib.require_vigil()
-    benchlib.raise_on_termination()
-    try:
-        return run(args)
-    except (KeyboardInterrupt, benchlib.Interrupted) as exc:
-        print(f"bench: interrupted ({type(exc).__name__} {exc}), cleaned up", file=sys.stderr)
-        return 130
+    return benchlib.run_main(run, args)
 
 
 if __name__ == "__main__":

@@ -514,12 +514,7 @@ def main() -> int:
     args = p.parse_args()
     if args.crashes < 1 or args.warmup < 0 or args.give_up < args.timeout:
         p.error("need --crashes >= 1, --warmup >= 0, --give-up >= --timeout")
-    benchlib.raise_on_termination()
-    try:
-        return run(args)
-    except (KeyboardInterrupt, benchlib.Interrupted) as exc:
-        print(f"bench: interrupted ({type(exc).__name__} {exc}), cleaned up", file=sys.stderr)
-        return 130
+    return benchlib.run_main(run, args)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ tests do not see each other's. Without an etcd binary those tests are skipped
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import sqlite3
 import sys
@@ -47,7 +46,7 @@ from vigil.store import (
 )
 from vigil.store.etcd import EtcdStore
 from vigil.testing import FakeClock, wait_for
-from vigil.testing.etcd import EtcdCluster, find_etcd
+from vigil.testing.etcd import EtcdCluster, require_etcd
 
 Body = Callable[[Store], Awaitable[None]]
 
@@ -167,20 +166,9 @@ HARNESSES: dict[str, type[Harness]] = {
 }
 
 
-def etcd_binary() -> str:
-    """The etcd binary; skips the test without one (fails in CI, which must have it)."""
-    binary = find_etcd()
-    if binary is None:
-        message = "no etcd binary (apt-get install etcd-server, or set VIGIL_ETCD)"
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must run the etcd tests: {message}")
-        pytest.skip(message)
-    return binary
-
-
 @pytest.fixture(scope="module")
 def etcd_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
-    binary = etcd_binary()
+    binary = require_etcd()
     with EtcdCluster(tmp_path_factory.mktemp("etcd"), members=3, binary=binary) as cluster:
         yield cluster
 
