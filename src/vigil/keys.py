@@ -7,6 +7,10 @@
 /vigil/CLUSTER/status/PKG            PackageStatus, written by the node acting on PKG
 /vigil/CLUSTER/admin/PKG             AdminRecord: switching and operator requests
 /vigil/CLUSTER/events/TIME.NODE      Event, one per state change (trimmed to the newest ones)
+/vigil/CLUSTER/flags/NODE/FLAG       FlagRecord: a flag living on NODE (CONCEPTS §5)
+/vigil/CLUSTER/locks/admin/SEQ       LockEntry: a holder (lowest SEQ) or waiter of the admin lock
+/vigil/CLUSTER/cmdsync/DESCRIPTOR    CmdsyncEntry: a registered resumable script (CONCEPTS §7)
+/vigil/CLUSTER/waits/PKG             WaitEdge: PKG's script waits for another package (§8)
 """
 
 from __future__ import annotations
@@ -85,6 +89,37 @@ class Keys:
 
     def node_admin(self, node: str) -> str:
         return self.node_admins + node
+
+    @property
+    def flags(self) -> str:
+        return self.root + "flags/"
+
+    def node_flags(self, node: str) -> str:
+        return f"{self.flags}{node}/"
+
+    def flag(self, node: str, flag: str) -> str:
+        return f"{self.flags}{node}/{flag}"
+
+    @property
+    def admin_lock(self) -> str:
+        return self.root + "locks/admin/"
+
+    def admin_lock_entry(self, seq: int) -> str:
+        return f"{self.admin_lock}{seq:016d}"
+
+    @property
+    def cmdsyncs(self) -> str:
+        return self.root + "cmdsync/"
+
+    def cmdsync(self, descriptor: str) -> str:
+        return self.cmdsyncs + descriptor
+
+    @property
+    def waits(self) -> str:
+        return self.root + "waits/"
+
+    def wait(self, pkg: str) -> str:
+        return self.waits + pkg
 
     def leaf(self, key: str) -> str:
         """The last path element of ``key`` (a package or node name)."""

@@ -147,3 +147,64 @@ class Event(_Record):
     from_state: str | None
     to_state: str
     reason: str = ""
+
+
+class FlagRecord(_Record):
+    """``flags/NODE/FLAG``: a flag on NODE (CONCEPTS §5); the key holds its name."""
+
+    created_at: float = Field(default_factory=time.time)
+    by_node: str | None = None  # the node of the command that created it
+    by_pid: int | None = None
+
+
+class LockEntry(_Record):
+    """``locks/admin/SEQ``: one holder or waiter of the cluster-wide admin lock.
+
+    The entry with the lowest SEQ holds the lock; the others wait in SEQ order (FIFO).
+    ``pid`` is the process the lock belongs to (the script that ran ``vigil lock
+    acquire``, or the ``vigil`` command itself for apply/recover) on ``node``;
+    ``pid_start`` (clock ticks since boot, /proc/PID/stat field 22) tells a reused PID
+    from the original one.
+    """
+
+    id: str
+    node: str
+    pid: int
+    pid_start: int | None = None
+    timestamp: int = Field(default_factory=lambda: int(time.time()))
+
+    @property
+    def flag(self) -> str:
+        """How the holder shows among the flags: ``!action!PID!TIMESTAMP!NODE:ID``."""
+        return f"!action!{self.pid:05d}!{self.timestamp}!{self.node}:{self.id}"
+
+
+class CmdsyncEntry(_Record):
+    """``cmdsync/DESCRIPTOR``: a resumable operator script (CONCEPTS §7).
+
+    ``marker`` is the last point the script saved (-1: none yet). ``mode`` ``init``
+    scripts resume from their marker; ``run`` scripts start over. ``launch`` asks the
+    agent of ``node`` to (re)start the script there: set when its node went down.
+    """
+
+    descriptor: str
+    script: str
+    params: tuple[str, ...] = ()
+    node: str
+    marker: int = -1
+    mode: str = "init"  # init | run
+    pid: int | None = None
+    launch: bool = False
+    by_agent: bool = False  # the current run was started by the agent of ``node``
+    reruns: int = 0
+    created_at: float = Field(default_factory=time.time)
+
+
+class WaitEdge(_Record):
+    """``waits/PKG``: a script of PKG runs a ``--wait`` command on ``waits_for`` (§8)."""
+
+    package: str
+    waits_for: str
+    node: str
+    pid: int
+    since: float = Field(default_factory=time.time)

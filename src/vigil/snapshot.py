@@ -67,6 +67,7 @@ class Snapshot:
     node_admin: dict[str, NodeAdmin] = field(default_factory=dict)
     controller: str | None = None
     controller_revision: int = 0  # create_revision of the leader key: the controller's token
+    flags: dict[str, frozenset[str]] = field(default_factory=dict)  # node -> its flags
 
     def admin_of(self, pkg: str) -> AdminRecord:
         return self.admin.get(pkg) or AdminRecord(auto_run=self._auto_run_default(pkg))
@@ -74,6 +75,9 @@ class Snapshot:
     def node_halted(self, node: str) -> bool:
         na = self.node_admin.get(node)
         return na is not None and na.halted
+
+    def has_flag(self, node: str, flag: str) -> bool:
+        return flag in self.flags.get(node, ())
 
     def status_of(self, pkg: str) -> PackageStatus:
         return self.status.get(pkg) or PackageStatus()
@@ -95,6 +99,7 @@ async def read_snapshot(store: Store, keys: Keys) -> Snapshot:
             Get(keys.assignments, prefix=True),
             Get(keys.node_admins, prefix=True),
             Get(keys.controller),
+            Get(keys.flags, prefix=True),
         ],
     )
     (
@@ -106,6 +111,7 @@ async def read_snapshot(store: Store, keys: Keys) -> Snapshot:
         assign_kvs,
         nodeadmin_kvs,
         controller_kvs,
+        flag_kvs,
     ) = (r if isinstance(r, list) else [] for r in res.responses)
     cluster = None
     packages: dict[str, PackageSpec] = {}
@@ -141,8 +147,13 @@ async def read_snapshot(store: Store, keys: Keys) -> Snapshot:
         node_admin[keys.leaf(kv.key)] = decode(NodeAdmin, kv)
     controller = controller_kvs[0].value.decode() if controller_kvs else None
     controller_rev = controller_kvs[0].create_revision if controller_kvs else 0
+    flags: dict[str, set[str]] = {}
+    for kv in flag_kvs:
+        node_name, _, flag = kv.key[len(keys.flags) :].partition("/")
+        flags.setdefault(node_name, set()).add(flag)
     return Snapshot(
         revision=res.revision,
+        flags={n: frozenset(f) for n, f in flags.items()},
         assignments=assignments,
         node_admin=node_admin,
         controller=controller,
