@@ -34,6 +34,7 @@ from vigil.agent.decide import (
     after_start_failure,
     decide,
 )
+from vigil.agent.duties import default_duties, duty_loop, run_on_join
 from vigil.agent.package import Context, Outcome, PackageRunner
 from vigil.config import ClusterSpec, PackageSpec
 from vigil.errors import Compacted, LeaseNotFound, StoreError, UsageError
@@ -138,6 +139,7 @@ class Agent:
             store, self.keys, node, cluster.node_timeout, replan=self._trigger.set
         )
         self._background: set[asyncio.Task[None]] = set()  # see _abandon
+        self.duties = default_duties(self)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -158,6 +160,7 @@ class Agent:
                     asyncio.create_task(self._watch(), name="watch"),
                     asyncio.create_task(self._reconcile_loop(), name="reconcile"),
                     asyncio.create_task(self._flush_loop(), name="flush"),
+                    asyncio.create_task(duty_loop(self, self.duties), name="duties"),
                 ]
                 stopped = asyncio.create_task(stop.wait())
                 fenced = asyncio.create_task(self._fenced.wait())
@@ -215,6 +218,7 @@ class Agent:
             await asyncio.sleep(0.1)
         log.info("node %s joined cluster %s (lease %x)", self.node, self.cluster.name, self.lease)
         await self._adopt_stale_statuses()
+        await run_on_join(self.duties)
 
     async def _adopt_stale_statuses(self) -> None:
         """Packages that ran here before a crash or fence and whose owner key is gone."""
