@@ -17,8 +17,8 @@ demo: $(STAMP)
 	$(BIN)/vigil demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests bench lab
+	$(BIN)/ruff format --check src tests bench lab
 	$(BIN)/mypy
 
 test: lint
