@@ -12,7 +12,9 @@
     │   └── Conflict                 a compare-and-swap transaction lost
     ├── ScriptError                  an external script misbehaved (exit code, timeout)
     ├── SpawnError                   a process could not be started
-    └── Timeout                      a --wait ran out of time
+    ├── Timeout                      a --wait ran out of time
+    ├── CmdsyncUnavailable           cmdsync needs failover on and a second node (§7)
+    └── CommandLoop                  a --wait from a package script would close a wait cycle (§8)
 
 Messages are one line and say what was wrong, where, and what was expected.
 Third-party errors are converted at the boundary: ``raise StoreUnavailable(...) from exc``.
@@ -81,3 +83,15 @@ class SpawnError(VigilError):
 
 class Timeout(VigilError):
     exit_code = 5
+
+
+class CmdsyncUnavailable(VigilError):
+    """Failover is off, or the cluster has a single node: a script would not be rerun."""
+
+    exit_code = 6
+
+
+class CommandLoop(VigilError):
+    """Package scripts waiting for one another in a cycle (pkg1 → pkg2 → pkg1)."""
+
+    exit_code = 7
