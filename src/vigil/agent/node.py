@@ -68,6 +68,10 @@ FENCE_AT = 0.8
 # still leaves time for another before FENCE_SELF.
 RENEW_EVERY = 1 / 6
 STATUS_FLUSH_INTERVAL = 0.05
+# TEST-ONLY: a deliberately broken build for the fault lab (lab/, docs/reliability.md),
+# which must catch the double runs it causes. Never set it in production: with it the
+# sentinel is never armed and self-fencing kills nothing.
+TEST_DISABLE_FENCING = os.environ.get("VIGIL_TEST_DISABLE_FENCING") == "1"
 
 
 @dataclass
@@ -299,7 +303,7 @@ class Agent:
         """The lease was renewed by a request sent at ``renewed_at``: it cannot expire
         before renewed_at + ttl. The sentinel kills every package process if no newer
         renewal is reported by FENCE_AT of that (even if this agent is stopped)."""
-        if self.registry is not None:
+        if self.registry is not None and not TEST_DISABLE_FENCING:
             self.registry.arm(renewed_at + self.cluster.node_timeout * FENCE_AT)
 
     async def _keepalive(self) -> None:
@@ -345,7 +349,7 @@ class Agent:
         for task in self._claim_tasks.values():
             task.cancel()  # a start whose claim is in flight must not go on
         self._claim_tasks.clear()
-        if self.registry is not None:
+        if self.registry is not None and not TEST_DISABLE_FENCING:
             self.registry.kill_all()
         for h in self.held.values():
             self._abandon(h)
