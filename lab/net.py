@@ -58,7 +58,16 @@ from dataclasses import dataclass, field
 from types import FrameType, TracebackType
 from typing import Any
 
-__all__ = ["Host", "HostProcess", "Network", "NetworkError", "cleanup_stale", "list_netns"]
+__all__ = [
+    "Host",
+    "HostProcess",
+    "Network",
+    "NetworkError",
+    "children",
+    "cleanup_stale",
+    "list_netns",
+    "netns_pids",
+]
 
 SUBNET = "10.77.0"  # /24; hosts are .11, .12, ...; .100 and up are free for packages
 PREFIX_LEN = 24
@@ -155,7 +164,7 @@ class HostProcess:
             return self.popen.pid
         deadline = time.monotonic() + timeout
         while True:
-            for pid in _children(self.popen.pid):
+            for pid in children(self.popen.pid):
                 if _is_pidns_init(pid):
                     return pid
             if self.popen.poll() is not None:
@@ -177,7 +186,8 @@ class HostProcess:
         self.popen.wait(timeout=timeout)
 
 
-def _children(pid: int) -> list[int]:
+def children(pid: int) -> list[int]:
+    """Host PIDs of the live children of ``pid``."""
     out: list[int] = []
     with contextlib.suppress(OSError):
         for tid in os.listdir(f"/proc/{pid}/task"):
