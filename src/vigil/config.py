@@ -218,7 +218,14 @@ class PackageSpec(_Spec):
         return [*self.external_pre_script, *self.external_script]
 
 
+HOOK_PHASES = ("pre_restore", "post_restore", "pre_remove", "post_remove", "pre_delete", "post_delete")
+
+
 class HooksSpec(_Spec):
+    """``[hooks]``: executables run on the acting node around every package start
+    (restore), halt (remove) and removal from the configuration (delete)."""
+
+    timeout: Duration = 60.0
     pre_restore: list[str] = Field(default_factory=list)
     post_restore: list[str] = Field(default_factory=list)
     pre_remove: list[str] = Field(default_factory=list)
@@ -376,6 +383,7 @@ def load_tree(config_dir: Path, report: CheckReport) -> ConfigTree | None:
         files[spec.name] = path
     if cluster is None:
         return None
+    cluster = _resolve_hooks(cluster, config_dir, report)
     tree = ConfigTree(config_dir, cluster, packages, files)
     _check_semantics(tree, report)
     return tree
@@ -396,6 +404,20 @@ def _resolve_paths(spec: PackageSpec, base: Path) -> PackageSpec:
             "external_script": fix(spec.external_script),
         }
     )
+
+
+def _resolve_hooks(cluster: ClusterSpec, base: Path, report: CheckReport) -> ClusterSpec:
+    """Hook paths relative to the config directory become absolute; each must run."""
+    where = str(base / "cluster.toml")
+    fixed: dict[str, object] = {"timeout": cluster.hooks.timeout}
+    for kind in HOOK_PHASES:
+        paths = [p if os.path.isabs(p) else str(base / p) for p in getattr(cluster.hooks, kind)]
+        fixed[kind] = paths
+        for j, path in enumerate(paths):
+            problem = script_problem(path)
+            if problem:
+                report.errors.append(ConfigError(f"{where}: hooks.{kind}[{j}]", problem))
+    return cluster.model_copy(update={"hooks": HooksSpec.model_validate(fixed)})
 
 
 def _check_semantics(tree: ConfigTree, report: CheckReport) -> None:

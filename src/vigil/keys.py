@@ -8,7 +8,7 @@
 /vigil/CLUSTER/admin/PKG             AdminRecord: switching and operator requests
 /vigil/CLUSTER/events/TIME.NODE      Event, one per state change (trimmed to the newest ones)
 /vigil/CLUSTER/flags/NODE/FLAG       FlagRecord: a flag living on NODE (CONCEPTS §5)
-/vigil/CLUSTER/locks/admin/SEQ       LockEntry: a holder (lowest SEQ) or waiter of the admin lock
+/vigil/CLUSTER/locks/admin/ID        LockEntry: the holder (oldest) or a waiter of the admin lock
 /vigil/CLUSTER/cmdsync/DESCRIPTOR    CmdsyncEntry: a registered resumable script (CONCEPTS §7)
 /vigil/CLUSTER/waits/PKG             WaitEdge: PKG's script waits for another package (§8)
 """
@@ -103,9 +103,6 @@ class Keys:
     @property
     def admin_lock(self) -> str:
         return self.root + "locks/admin/"
-
-    def admin_lock_entry(self, seq: int) -> str:
-        return f"{self.admin_lock}{seq:016d}"
 
     @property
     def cmdsyncs(self) -> str:

@@ -171,6 +171,7 @@ class LockEntry(_Record):
     node: str
     pid: int
     pid_start: int | None = None
+    pid_ns: str = ""  # /proc/PID/ns/pid of the process: PIDs mean something only there
     timestamp: int = Field(default_factory=lambda: int(time.time()))
 
     @property

@@ -63,6 +63,7 @@ def cluster_view(snap: Snapshot) -> dict[str, Any]:
             "pid": rec.pid if rec else None,
             "packages": sorted(p for p, n in snap.owners.items() if n == name),
             "controller": snap.controller == name,
+            "flags": sorted(snap.flags.get(name, ())),
         }
     packages: dict[str, Any] = {}
     for pkg in sorted(set(snap.packages) | set(snap.status)):

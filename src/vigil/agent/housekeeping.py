@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from vigil import flags
+from vigil import flags, locks
 
 if TYPE_CHECKING:
     from vigil.agent.node import Agent
@@ -29,4 +29,5 @@ class Housekeeping:
                 await flags.remove(a.store, a.keys, node, mine)
 
     async def tick(self, snap: Snapshot) -> None:
-        return None
+        a = self.agent
+        await locks.reap(a.store, a.keys, a.node, await locks.queue(a.store, a.keys))

@@ -35,6 +35,7 @@ from vigil.agent.decide import (
     decide,
 )
 from vigil.agent.duties import default_duties, duty_loop, run_on_join
+from vigil.agent.hooks import HookRunner
 from vigil.agent.package import Context, Outcome, PackageRunner
 from vigil.config import ClusterSpec, PackageSpec
 from vigil.errors import Compacted, LeaseNotFound, StoreError, UsageError
@@ -143,7 +144,8 @@ class Agent:
             store, self.keys, node, cluster.node_timeout, replan=self._trigger.set
         )
         self._background: set[asyncio.Task[None]] = set()  # see _abandon
-        self.duties = default_duties(self)
+        self.hooks = HookRunner(self)
+        self.duties = [self.hooks, *default_duties(self)]
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -588,7 +590,8 @@ class Agent:
         await self._run_start(pkg, held, snap)
 
     async def _run_start(self, pkg: str, held: Held, snap: Snapshot) -> None:
-        result = await held.runner.start()
+        async with self.hooks.around("restore", pkg):
+            result = await held.runner.start()
         if self._deadline_passed():
             self._fence(f"package {pkg}: start interrupted, the lease deadline passed")
             return
@@ -647,7 +650,8 @@ class Agent:
         held.halt_reason = reason
         held.runner.ctx.halt_reason = reason
         await self._set_state(pkg, PackageState.HALTING, why)
-        ok = await held.runner.halt()
+        async with self.hooks.around("remove", pkg):
+            ok = await held.runner.halt()
         if not ok:
             await self._halt_failed(pkg, f"a stop step failed while halting ({why})")
             return False

@@ -3,26 +3,29 @@
 ``check`` validates every file and key, then runs each external script's
 ``validate`` entry point on this node. ``apply`` checks, then writes the whole
 configuration to the store in one transaction: all or nothing. A package that is
-running cannot be removed by ``apply`` (halt it first), and a concurrent change of
-the applied configuration makes ``apply`` fail instead of interleaving.
+running cannot be removed by ``apply`` (halt it first). ``apply`` holds the admin
+lock, so two applies wait for each other; a concurrent change of the applied
+configuration by anything else still makes ``apply`` fail instead of interleaving.
+Removing packages runs the ``pre_delete`` / ``post_delete`` hooks around the write.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-import socket
 from pathlib import Path
 
 import click
 
+from vigil import flags, hooks
 from vigil.cli.context import CliContext
 from vigil.config import CheckReport, ConfigTree, load_tree
 from vigil.errors import ConfigError, Conflict, VigilError
 from vigil.keys import Keys
+from vigil.locks import AdminLock
 from vigil.model import ACTIVE_STATES
 from vigil.scripts.runner import run_script
-from vigil.snapshot import encode, encode_bundle, read_snapshot
+from vigil.snapshot import Snapshot, encode, encode_bundle, read_snapshot
 from vigil.store import Compare, Delete, Op, Put, Store, open_store
 
 VALIDATE_TIMEOUT_CAP = 120.0
@@ -75,22 +78,33 @@ def _dir_arg(obj: CliContext, directory: Path | None) -> Path:
     return (directory or obj.config_dir).resolve()
 
 
-def _this_node(obj: CliContext) -> str:
-    return obj.node_option or os.environ.get("VIGIL_NODE") or socket.gethostname().split(".")[0]
-
-
 @click.command()
 @click.argument("directory", required=False, type=click.Path(path_type=Path))
 @click.pass_obj
 def check(obj: CliContext, directory: Path | None) -> None:
     """Validate a configuration directory and run the scripts' validate entry points."""
     config_dir = _dir_arg(obj, directory)
-    tree = _check(config_dir, _this_node(obj))
+    tree = _check(config_dir, obj.node)
     n = len(tree.packages)
     click.echo(f"{config_dir}: valid (cluster {tree.cluster.name}, {n} package{'s' * (n != 1)})")
 
 
 BUNDLE = 100  # package specs per store key
+
+
+def check_removals(snap: Snapshot, tree: ConfigTree) -> list[str]:
+    """The packages ``tree`` removes; a ConfigError if one of them still runs."""
+    removed = sorted(set(snap.packages) - set(tree.packages))
+    for name in removed:
+        st = snap.status.get(name)
+        if name in snap.owners or (st is not None and st.state in ACTIVE_STATES):
+            raise ConfigError(
+                f"{tree.directory}/packages",
+                f"package {name!r} is {st.state.value if st else 'running'} "
+                f"on {snap.owners.get(name, st.node if st else '?')}: halt it before "
+                "removing it from the configuration; nothing applied",
+            )
+    return removed
 
 
 async def apply_tree(store: Store, tree: ConfigTree) -> list[str]:
@@ -116,15 +130,7 @@ async def apply_tree(store: Store, tree: ConfigTree) -> list[str]:
         ops.append(Put(keys.config_bundle(i), encode_bundle([tree.packages[n] for n in chunk])))
     new_bundles = {keys.config_bundle(i) for i in range(len(chunks))}
     ops += [Delete(k) for k in old_bundles if k not in new_bundles]
-    for name in sorted(set(snap.packages) - set(tree.packages)):
-        st = snap.status.get(name)
-        if name in snap.owners or (st is not None and st.state in ACTIVE_STATES):
-            raise ConfigError(
-                f"{tree.directory}/packages",
-                f"package {name!r} is {st.state.value if st else 'running'} "
-                f"on {snap.owners.get(name, st.node if st else '?')}: halt it before "
-                "removing it from the configuration; nothing applied",
-            )
+    for name in check_removals(snap, tree):
         ops += [Delete(keys.admin(name)), Delete(keys.status(name)),
                 Delete(keys.assignment(name))]  # fmt: skip
         notes.append(f"package {name}: removed")
@@ -145,18 +151,52 @@ async def apply_tree(store: Store, tree: ConfigTree) -> list[str]:
     return notes
 
 
+async def apply_locked(
+    store: Store, tree: ConfigTree, node: str, lock_timeout: float | None
+) -> list[str]:
+    """``apply_tree`` under the admin lock, with the delete hooks around removals."""
+    keys = Keys(tree.cluster.name)
+    async with AdminLock(store, keys, "apply", node, lock_timeout):
+        snap = await read_snapshot(store, keys)
+        removed = check_removals(snap, tree)
+        if not removed or not hooks.configured(tree.cluster, "delete"):
+            return await apply_tree(store, tree)
+        notes: list[str] = []
+
+        async def phase(name: str) -> None:
+            for pkg in removed:
+                for r in await hooks.run_phase(tree.cluster, node, name, package=pkg,
+                                               config_dir=str(tree.directory)):  # fmt: skip
+                    notes.append(("hook " if r.ok else "hook FAILED: ") + r.detail)
+
+        await flags.create(store, keys, node, flags.pending("delete"), node)
+        await phase("pre_delete")
+        try:
+            notes += await apply_tree(store, tree)
+            for other in sorted(set(snap.nodes) - {node}):  # they run their post_delete
+                await flags.create(store, keys, node, flags.pending("delete", other), node)
+        finally:
+            await phase("post_delete")
+            await flags.remove(store, keys, node, flags.pending("delete"))
+        return notes
+
+
 @click.command()
 @click.argument("directory", required=False, type=click.Path(path_type=Path))
+@click.option("--lock-timeout", type=click.FloatRange(min=0), default=120.0, show_default=True,
+              help="Seconds to wait for the admin lock.")  # fmt: skip
 @click.pass_obj
-def apply(obj: CliContext, directory: Path | None) -> None:
-    """Check a configuration directory, then write all of it to the store at once."""
+def apply(obj: CliContext, directory: Path | None, lock_timeout: float) -> None:
+    """Check a configuration directory, then write all of it to the store at once.
+
+    Takes the cluster-wide admin lock, so two applies never interleave."""
     config_dir = _dir_arg(obj, directory)
-    tree = _check(config_dir, _this_node(obj))
+    tree = _check(config_dir, obj.node)
 
     async def go() -> list[str]:
         store = open_store(tree.cluster.store)
         try:
-            return await apply_tree(store, tree)
+            return await apply_locked(store, tree, obj.node, lock_timeout)
         finally:
             await store.close()
 

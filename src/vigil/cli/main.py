@@ -7,7 +7,18 @@ from pathlib import Path
 
 import click
 
-from vigil.cli import config_cmds, demo, events, node, package, simulate, status
+from vigil.cli import (
+    config_cmds,
+    demo,
+    events,
+    flag,
+    lock,
+    node,
+    package,
+    recover,
+    simulate,
+    status,
+)
 from vigil.cli.context import CliContext
 from vigil.errors import VigilError
 
@@ -53,6 +64,9 @@ cli.add_command(events.events)
 cli.add_command(config_cmds.check)
 cli.add_command(config_cmds.apply)
 cli.add_command(demo.demo)
+cli.add_command(flag.flag)
+cli.add_command(lock.lock)
+cli.add_command(recover.recover)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -37,7 +37,12 @@ def render(view: dict[str, Any], verbose: bool) -> None:
         [name, styled(n["state"]), str(n["pid"] or "-"), ", ".join(n["packages"]) or "-"]
         for name, n in view["nodes"].items()
     ]
-    console.print(table(None, ["NODE", "STATE", "PID", "PACKAGES"], rows) if rows else "no nodes")
+    cols = ["NODE", "STATE", "PID", "PACKAGES"]
+    if any(n["flags"] for n in view["nodes"].values()):
+        cols.append("FLAGS")
+        for row, n in zip(rows, view["nodes"].values(), strict=True):
+            row.append(" ".join(n["flags"]) or "-")
+    console.print(table(None, cols, rows) if rows else "no nodes")
     console.print()
     prow = []
     for name, p in view["packages"].items():

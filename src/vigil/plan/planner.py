@@ -61,6 +61,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from vigil.config import DependencySpec, PackageSpec
+from vigil.flags import NOFAILOVER
 from vigil.model import (
     AdminRecord,
     Assignment,
@@ -684,8 +685,11 @@ class _Planner:
                 return
         if admin.start_node is not None:
             eligible = [n for n in eligible if n == admin.start_node]
+        eligible, note = self._without_nofailover(pkg, eligible)
         if not eligible:
-            self._set(pkg, None, "no eligible node (its nodes are down, halted or switched off)")
+            self._set(
+                pkg, None, "no eligible node (its nodes are down, halted or switched off)" + note
+            )
             return
         cands, why = self._candidates(pkg, eligible)
         if cands and spec.failover_policy == "configured_node":
@@ -707,8 +711,21 @@ class _Planner:
         if prev is not None and prev.node == node and prev.start_reason is not None:
             reason = prev.start_reason
         self._place(pkg, node)
-        self._set(pkg, node, f"{reason.value} on {node}", start_reason=reason)
-        self.actions.append(Action(Verb.START, pkg, node, st.node, reason.value))
+        self._set(pkg, node, f"{reason.value} on {node}{note}", start_reason=reason)
+        self.actions.append(Action(Verb.START, pkg, node, st.node, reason.value + note))
+
+    def _without_nofailover(self, pkg: str, eligible: list[str]) -> tuple[list[str], str]:
+        """``eligible`` without the nodes flagged ``!nofailover!N``, N being the node the
+        package last ran on; and a note naming the skipped nodes ("" if none)."""
+        last = self.snap.status_of(pkg).node
+        if last is None or not self.snap.flags:
+            return eligible, ""
+        flag = NOFAILOVER + last
+        skipped = [n for n in eligible if n != last and self.snap.has_flag(n, flag)]
+        if not skipped:
+            return eligible, ""
+        note = f" (skipped {', '.join(skipped)}: flag {flag})"
+        return [n for n in eligible if n not in skipped], note
 
     def _claim_preferred(
         self, pkg: str, spec: PackageSpec, eligible: list[str], first: str

@@ -30,6 +30,9 @@ nothing else (no leases, no revisions of individual keys)::
     [assignment.db]               # the previous plan (node, reason, start_reason, since, ...)
     [node_admin.n2]               # explicit node halt records (halted, mode), rarely needed
 
+    [flags]                       # node -> its flags
+    n3 = ["!nofailover!n1"]
+
 Times left out (status ``since``, node ``started_at``) are 0, so that a scenario
 always plans the same way. Errors name the file and the key, like config errors.
 """
@@ -65,6 +68,7 @@ _TOP_KEYS = {
     "admin",
     "assignment",
     "node_admin",
+    "flags",
 }
 
 
@@ -203,8 +207,17 @@ def scenario_from_dict(data: Mapping[str, Any], where: str = "scenario") -> Scen
         rec = {"node": None, **rec} if isinstance(rec, dict) else rec
         assignments[pkg] = _record(Assignment, rec, f"{where}: assignment.{pkg}")
 
+    flags: dict[str, frozenset[str]] = {}
+    for name, names in _table(data, "flags", where).items():
+        if not isinstance(names, list) or not all(isinstance(f, str) for f in names):
+            raise ConfigError(
+                f"{where}: flags.{name}", f"expected a list of flag names, got {names!r}"
+            )
+        flags[name] = frozenset(names)
+
     snapshot = Snapshot(
         revision=revision,
+        flags=flags,
         cluster=cluster,
         packages=packages,
         nodes=nodes,
@@ -261,6 +274,9 @@ def dump_scenario(snapshot: Snapshot, *, now: float | None = None, comment: str 
     if snapshot.owners:
         out += ["", "[owners]"]
         out += [f"{_key(p)} = {_value(n)}" for p, n in sorted(snapshot.owners.items())]
+    if any(snapshot.flags.values()):
+        out += ["", "[flags]"]
+        out += [f"{_key(n)} = {_value(sorted(f))}" for n, f in sorted(snapshot.flags.items()) if f]
     for section, records in (
         ("status", snapshot.status),
         ("admin", snapshot.admin),
