@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from vigil.cli import (
+    cmdsync,
     config_cmds,
     demo,
     events,
@@ -64,6 +65,7 @@ cli.add_command(events.events)
 cli.add_command(config_cmds.check)
 cli.add_command(config_cmds.apply)
 cli.add_command(demo.demo)
+cli.add_command(cmdsync.cmdsync)
 cli.add_command(flag.flag)
 cli.add_command(lock.lock)
 cli.add_command(recover.recover)

@@ -41,9 +41,12 @@ from vigil.model import AdminRecord, PackageState
 from vigil.snapshot import Snapshot, read_snapshot
 from vigil.store import Store
 from vigil.view import package_state
+from vigil.waits import waiting
 
 S = PackageState
 FAILED = {S.FAILED, S.HALT_FAILED}
+# Not starting, halting or waiting to: what `disable --wait` waits for.
+STABLE = {S.HALTED, S.RUNNING, S.FAILED, S.HALT_FAILED, S.MAINTENANCE, S.DETACHED}
 
 
 def _wait_options(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -79,7 +82,8 @@ def _act(
 
         await change_admin(store, keys, pkg, fn_checked)
         if wait:
-            return await wait_for(store, keys, pkg, want, fail, timeout, since)
+            async with waiting(store, keys, pkg, obj.node):
+                return await wait_for(store, keys, pkg, want, fail, timeout, since)
         return None
 
     state = obj.run(go)
@@ -142,10 +146,7 @@ def move(obj: CliContext, pkg: str, node: str, wait: bool, timeout: float) -> No
             a.model_copy(update={"auto_run": True, "halt_requested": False, "start_node": node})
         )
 
-    async def go(store: Store, keys: Keys) -> str | None:
-        await change_admin(store, keys, pkg, fn)
-        if not wait:
-            return None
+    async def wait_moved(store: Store, keys: Keys) -> str:
         deadline = time.monotonic() + timeout
         while True:
             snap = await read_snapshot(store, keys)
@@ -160,6 +161,13 @@ def move(obj: CliContext, pkg: str, node: str, wait: bool, timeout: float) -> No
                     f"(now {state.value} on {where or '-'}: {message})"
                 )
             await asyncio.sleep(POLL)
+
+    async def go(store: Store, keys: Keys) -> str | None:
+        await change_admin(store, keys, pkg, fn)
+        if not wait:
+            return None
+        async with waiting(store, keys, pkg, obj.node):
+            return await wait_moved(store, keys)
 
     done = obj.run(go)
     click.echo(f"package {pkg}: {'moved to' if done else 'move requested to'} {node}")
@@ -204,9 +212,12 @@ def enable(obj: CliContext, pkg: str, node: str | None, wait: bool, timeout: flo
 @package.command()
 @click.argument("pkg")
 @click.option("-n", "--node", "node", default=None, help="Node switching for this node only.")
+@_wait_options
 @click.pass_obj
-def disable(obj: CliContext, pkg: str, node: str | None) -> None:
-    """Turn switching off (a running package keeps running)."""
+def disable(obj: CliContext, pkg: str, node: str | None, wait: bool, timeout: float) -> None:
+    """Turn switching off (a running package keeps running).
+
+    With --wait, block until PKG is not starting or halting (running, halted, ...)."""
 
     def fn(a: AdminRecord, snap: Snapshot) -> Change:
         if node is not None:
@@ -216,7 +227,7 @@ def disable(obj: CliContext, pkg: str, node: str | None) -> None:
             )
         return Change(a.model_copy(update={"auto_run": False}))
 
-    _act(obj, pkg, fn, "disable", False, 0, set(), set())
+    _act(obj, pkg, fn, "disable", wait, timeout, STABLE, set())
 
 
 @package.command()
