@@ -1,0 +1,709 @@
+"""Failover of a relocatable IP serving HTTP: vigil beside keepalived, host loss.
+
+Run (from the repository root, as root, with the project's virtual environment)::
+
+    .venv/bin/python bench/keepalived_compare.py               # 20 trials per setup
+    .venv/bin/python bench/keepalived_compare.py --quick       # 3 trials per setup
+
+What it measures
+----------------
+The fault lab (:mod:`lab.net`): hosts are network namespaces on one bridge (in a
+switch namespace of their own). Each setup gets a pair of hosts, A and B, and its own
+relocatable IP (``10.77.0.10K/24``) on which HTTP port 8080 must answer; the last
+host is the *client*: it runs the prober and the 3-member etcd the vigil setups use
+(so the store is on neither A nor B). The setups (``--setups``, all by default):
+
+* ``keepalived``: Debian's keepalived, its defaults (VRRPv2, ``advert_int 1``): one
+  ``vrrp_instance`` on ``eth0`` with the IP as ``virtual_ipaddress``, A ``state
+  MASTER priority 150``, B ``state BACKUP priority 100`` (so B takes over after the
+  master-down interval 3 x 1 s + (256 - 100) / 256 s = 3.61 s without an advert). An
+  HTTP server runs on A and B all the time (keepalived moves the IP, not services);
+* ``vigil``: vigil's defaults (``node_timeout = "3s"``): one package on nodes A and B
+  with the IP as ``[[address]]`` on ``eth0`` and the HTTP server as ``[[service]]``
+  (so vigil also starts the server on failover); ``vigild`` runs in each host;
+* ``vigil-4s``: the same with ``node_timeout = "4s"``, to match keepalived's 3.61 s
+  detection: etcd leases are whole seconds, so 3.61 s would be a 4 s lease anyway;
+* ``keepalived-3s``: keepalived tuned to vigil's detection time: ``version 3``,
+  ``advert_int 0.83`` (master-down 3 x 0.83 + 156 x 0.83 / 256 = 2.996 s);
+* ``vigil-garp-async`` (an experiment): ``vigil`` with an ``arping`` first on the
+  agents' PATH that sends the gratuitous ARP in the background and returns at once.
+  vigil's address step waits for ``arping -U -c 1``, which takes 1 s, before the
+  package's services start: this setup shows the failover without that wait.
+
+The HTTP server is the same tiny program everywhere (``python -S``, standard
+library socket only); it answers every request with its host's name.
+
+Each trial, setups interleaved round-robin: the setup is steady (the IP answers from
+its active host X, the other host has the IP not configured and its agent or
+keepalived running); a random pause of 0..1 s (the kill falls anywhere between two
+keepalived adverts or two vigil lease renewals, every 1 s and 0.5 s); then X *dies*:
+``t0`` = ``time.monotonic_ns()``, SIGKILL of every process in X's namespace
+(:meth:`lab.net.Network.kill_host`: keepalived or vigild with its PID namespace, the
+HTTP server) and X's switch port cut (:meth:`~lab.net.Network.isolate`), so that X's
+kernel no longer answers ARP or TCP for the IP either. The client then connects to
+IP:8080 every 10 ms (TCP connect timeout 20 ms) until an answer comes from the other
+host: **failover = that answer - t0**. The client's ARP entry for the IP still names
+X's MAC: it learns the new one from the new holder's gratuitous ARP (keepalived's own,
+vigil's ``arping -U``), exactly as a client on the same LAN would. Then X "reboots":
+its leftover IP and neighbour cache are flushed, its port put back, its processes
+started again. keepalived's A preempts (the IP moves back to A before the next trial);
+vigil's package stays where it is (``failback_policy = "manual"``), so the next vigil
+trial kills the other host: each vigil trial kills the host that runs the package and,
+in practice, the controller too (the worst case).
+
+Figures per setup: p50 / p95 / p99 / max / mean / min (nearest rank; with 20 trials,
+p99 is the maximum) and the ratios keepalived ÷ vigil of p50 and p99 for the pairs
+(keepalived, vigil), (keepalived, vigil-4s), (keepalived-3s, vigil), (keepalived,
+vigil-garp-async). For vigil, the survivor's agent log also gives **planned** (the
+controller ordered the start) and **service** (the agent started the HTTP service,
+after the address and its arping), both since the kill. Target: vigil's
+p99 under keepalived's, both with defaults. The load average at the start and end is
+recorded (the machine may be shared). A table, then one JSON line, are printed; every
+sample goes to ``bench/results/keepalived_compare.json``; ``--plot`` (default
+``docs/img/failover-keepalived.png``) draws the distributions when matplotlib is
+installed (the ``dev`` extra). Needs root, iproute2, keepalived (``apt-get install
+keepalived``), arping (``iputils-arping``) and an etcd binary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import benchlib
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # for ``lab`` (the scripts run as bench/NAME.py)
+
+NAME = "keepalived_compare"
+PORT = 8080
+PROBE_EVERY = 0.010
+CONNECT_TIMEOUT = 0.020
+DEFAULT_PLOT = ROOT / "docs" / "img" / "failover-keepalived.png"
+CLONE_NEWNET = 0x40000000
+
+
+@dataclass(frozen=True)
+class Setup:
+    name: str
+    kind: str  # keepalived | vigil
+    detection_s: float  # keepalived master-down interval or vigil node_timeout
+    node_timeout: str = ""  # vigil
+    keepalived_extra: str = ""  # lines in the vrrp_instance
+    garp_async: bool = False  # vigil: arping on the agents' PATH returns at once
+
+
+SETUPS = {
+    s.name: s
+    for s in (
+        Setup("keepalived", "keepalived", 3 + 156 / 256),
+        Setup("vigil", "vigil", 3.0, node_timeout="3s"),
+        Setup("vigil-4s", "vigil", 4.0, node_timeout="4s"),
+        Setup(
+            "keepalived-3s",
+            "keepalived",
+            3 * 0.83 + 156 * 0.83 / 256,
+            keepalived_extra="    version 3\n    advert_int 0.83\n",
+        ),
+        Setup("vigil-garp-async", "vigil", 3.0, node_timeout="3s", garp_async=True),
+    )
+}
+# (keepalived-like, vigil-like) pairs whose ratios are reported
+PAIRS = [
+    ("keepalived", "vigil"),
+    ("keepalived", "vigil-4s"),
+    ("keepalived-3s", "vigil"),
+    ("keepalived", "vigil-garp-async"),
+]
+
+HTTPD = """\
+# The HTTP server of the benchmark: answers every request with the host's name.
+import os, socket, sys, time
+name = sys.argv[1] if sys.argv[1] != "-" else os.environ.get("VIGIL_NODE", "?")
+body = (name + "\\n").encode()
+reply = b"HTTP/1.0 200 OK\\r\\nContent-Length: %d\\r\\nConnection: close\\r\\n\\r\\n" % len(body)
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+while True:
+    try:
+        s.bind(("0.0.0.0", int(sys.argv[2])))
+        break
+    except OSError:
+        time.sleep(0.01)
+s.listen(128)
+while True:
+    c, _ = s.accept()
+    try:
+        c.settimeout(1.0)
+        c.recv(4096)
+        c.sendall(reply + body)
+    except OSError:
+        pass
+    finally:
+        c.close()
+"""
+
+# EtcdCluster binds its members to 127.0.0.1; the lab's hosts must reach them on the
+# client host's address: add it to the client URLs (peers stay on 127.0.0.1).
+ETCD_WRAPPER = """\
+#!/bin/sh
+prev=
+for a in "$@"; do
+    shift
+    orig=$a
+    case "$prev" in
+        --listen-client-urls) a="$a,http://{addr}:${{a##*:}}" ;;
+        --advertise-client-urls) a="http://{addr}:${{a##*:}}" ;;
+    esac
+    set -- "$@" "$a"
+    prev=$orig
+done
+exec {etcd} "$@"
+"""
+
+# vigil-garp-async: the agent's ``arping -U -c 1`` returns at once (the real one sends
+# its gratuitous ARP in the background), instead of after arping's 1 s wait.
+ARPING_ASYNC = """\
+#!/bin/sh
+{arping} "$@" >/dev/null 2>&1 &
+exit 0
+"""
+
+KEEPALIVED_CONF = """\
+global_defs {{
+    router_id {host}
+}}
+vrrp_instance VI_{vrid} {{
+    state {state}
+    interface eth0
+    virtual_router_id {vrid}
+    priority {priority}
+{extra}    virtual_ipaddress {{
+        {vip}/24
+    }}
+}}
+"""
+
+
+# --------------------------------------------------------------------------- plumbing
+
+
+def enter_netns(name: str) -> None:
+    """Move this thread (the main one: the whole bench) into network namespace
+    ``name``; the processes it starts from now on are there too."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(f"/run/netns/{name}", os.O_RDONLY)
+    try:
+        if libc.setns(fd, CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"setns({name}): {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
+def enter_netns_fd(fd: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setns back: {os.strerror(err)}")
+
+
+def http_get(ip: str, port: int = PORT) -> str | None:
+    """The body of GET / on IP:PORT, or None (20 ms to connect, then 1 s to answer)."""
+    try:
+        with socket.create_connection((ip, port), timeout=CONNECT_TIMEOUT) as s:
+            s.settimeout(1.0)
+            s.sendall(b"GET / HTTP/1.0\r\nHost: bench\r\n\r\n")
+            data = b""
+            while chunk := s.recv(4096):
+                data += chunk
+    except OSError:
+        return None
+    head, _, body = data.partition(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.0 200"):
+        return None
+    return body.decode(errors="replace").strip()
+
+
+def poll(what: str, pred: Callable[[], bool], timeout: float, every: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(every)
+
+
+def has_ip(host: Any, vip: str) -> bool:
+    out = subprocess.run(
+        ["ip", "-n", host.netns, "-o", "-4", "addr", "show", "dev", "eth0"],
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=False,
+    ).stdout
+    return f" {vip}/" in out
+
+
+# --------------------------------------------------------------------------- the setups
+
+
+@dataclass
+class Pair:
+    """One setup on its two hosts."""
+
+    setup: Setup
+    a: Any  # lab.net.Host
+    b: Any
+    vip: str
+    work: Path
+    active: Any = None  # the host that answers now
+    cluster: Any = None  # vigil: the LabCluster
+    samples: list[float] = field(default_factory=list)
+    trials: list[dict[str, Any]] = field(default_factory=list)
+
+    def other(self, host: Any) -> Any:
+        return self.b if host is self.a else self.a
+
+
+def start_httpd(host: Any, work: Path) -> None:
+    log = (work / f"{host.name}-httpd.log").open("ab")
+    host.popen([sys.executable, "-S", str(work / "httpd.py"), host.name, str(PORT)],
+               stdout=log, stderr=log)  # fmt: skip
+    log.close()
+
+
+def start_keepalived(pair: Pair, host: Any) -> None:
+    primary = host is pair.a
+    conf = pair.work / f"{host.name}-keepalived.conf"
+    vrid = 50 + int(pair.vip.rsplit(".", 1)[1]) - 100
+    conf.write_text(
+        KEEPALIVED_CONF.format(
+            host=host.name,
+            vrid=vrid,
+            state="MASTER" if primary else "BACKUP",
+            priority=150 if primary else 100,
+            extra=pair.setup.keepalived_extra,
+            vip=pair.vip,
+        )
+    )
+    for pidfile in (f"{host.name}.pid", f"{host.name}-vrrp.pid"):
+        # left by the killed one; it holds PID 1, which the new one would take for itself
+        (pair.work / pidfile).unlink(missing_ok=True)
+    log = (pair.work / f"{host.name}-keepalived.log").open("ab")
+    host.popen(
+        ["keepalived", "--dont-fork", "--log-console", "--log-detail", "--no-syslog",
+         "--vrrp", "--use-file", str(conf),
+         "--pid", str(pair.work / f"{host.name}.pid"),
+         "--vrrp_pid", str(pair.work / f"{host.name}-vrrp.pid")],
+        pidns=True, stdout=log, stderr=log,
+    )  # fmt: skip
+    log.close()
+
+
+def lab_cluster(pair: Pair, store: str) -> Any:
+    from lab.net import Host
+    from vigil.testing.cluster import LocalCluster
+
+    hosts: dict[str, Host] = {pair.a.name: pair.a, pair.b.name: pair.b}
+    garp_dir = ""
+    if pair.setup.garp_async:
+        garp_dir = str(pair.work / "bin")
+        os.mkdir(garp_dir)
+        real = shutil.which("arping") or "/usr/bin/arping"
+        wrapper = Path(garp_dir) / "arping"
+        wrapper.write_text(ARPING_ASYNC.format(arping=real))
+        wrapper.chmod(0o755)
+
+    class LabCluster(LocalCluster):
+        """LocalCluster whose agents run in the lab's hosts (network + PID namespace)."""
+
+        def start_agent(self, node: str) -> subprocess.Popen[bytes]:
+            log = (self.logs / f"{node}.log").open("ab")
+            argv = [str(Path(sys.executable).with_name("vigild")), "--node", node,
+                    "--config", str(self.config), "--log-level", "info"]  # fmt: skip
+            env = self.env(PATH=f"{garp_dir}:{os.environ['PATH']}") if garp_dir else self.env()
+            proc = hosts[node].popen(argv, pidns=True, stdout=log, stderr=log, env=env)
+            log.close()
+            self.agents[node] = proc.popen
+            self._init.pop(node, None)
+            self._ns.pop(node, None)
+            self.agent_pid(node)
+            return proc.popen
+
+    root = pair.work / "vigil"
+    root.mkdir()
+    return LabCluster(
+        root,
+        list(hosts),
+        name=pair.setup.name.replace(".", "_"),
+        store=store,
+        node_timeout=pair.setup.node_timeout,
+        isolate=True,
+    )
+
+
+def boot(pair: Pair, store: str | None, give_up: float) -> None:
+    (pair.work / "httpd.py").write_text(HTTPD)
+    if pair.setup.kind == "keepalived":
+        for h in (pair.a, pair.b):
+            start_httpd(h, pair.work)
+        start_keepalived(pair, pair.a)
+        start_keepalived(pair, pair.b)
+        pair.active = pair.a
+    else:
+        assert store is not None
+        c = pair.cluster = lab_cluster(pair, store)
+        service = ", ".join(
+            f'"{a}"' for a in (sys.executable, "-S", str(pair.work / "httpd.py"), "-", str(PORT))
+        )
+        c.write_package(
+            f'name = "web"\nnodes = ["{pair.a.name}", "{pair.b.name}"]\n'
+            f'[[address]]\nip = "{pair.vip}/24"\ninterface = "eth0"\n'
+            f'[[service]]\nname = "http"\ncommand = [{service}]\n'
+        )
+        c.start_agent(pair.a.name)  # first: it runs the package and is the controller
+        c.wait_nodes_up([pair.a.name], timeout=give_up)
+        c.start_agent(pair.b.name)
+        c.wait_nodes_up(timeout=give_up)
+        c.apply()
+        view = c.wait(lambda v: v["packages"]["web"]["state"] == "running", give_up, "web running")
+        pair.active = pair.a if view["packages"]["web"]["node"] == pair.a.name else pair.b
+
+
+def steady(pair: Pair, give_up: float) -> None:
+    """Wait until the IP answers from the active host and only it holds the IP."""
+    active = pair.active
+    standby = pair.other(active)
+    if pair.setup.kind == "vigil":
+        pair.cluster.wait(
+            lambda v: all(n["state"] == "up" for n in v["nodes"].values())
+            and v["packages"]["web"]["state"] == "running"
+            and v["packages"]["web"]["node"] == active.name,
+            give_up,
+            f"both nodes up and web running on {active.name}",
+        )
+    poll(
+        f"{pair.setup.name}: {pair.vip} answering from {active.name} only",
+        lambda: http_get(pair.vip) == active.name and not has_ip(standby, pair.vip),
+        give_up,
+    )
+
+
+def trial(net: Any, pair: Pair, i: int, give_up: float) -> dict[str, Any]:
+    victim = pair.active
+    survivor = pair.other(victim)
+    steady(pair, give_up)
+    time.sleep(random.uniform(0.0, 1.0))  # the kill's phase between adverts / renewals
+    t0 = net.kill_host(victim)
+    net.isolate(victim)
+    wall0 = time.time() - (time.monotonic_ns() - t0) / 1e9
+    deadline = time.monotonic() + give_up
+    while True:
+        answer = http_get(pair.vip)
+        if answer == survivor.name:
+            t1 = time.monotonic_ns()
+            break
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"{pair.setup.name} trial {i}: no answer from {survivor.name} "
+                f"after {give_up:g} s (last: {answer!r})"
+            )
+        time.sleep(PROBE_EVERY)
+    ms = round((t1 - t0) / 1e6, 1)
+    pair.samples.append(ms)
+    sample: dict[str, Any] = {"trial": i, "from": victim.name, "to": survivor.name, "ms": ms}
+    if pair.setup.kind == "vigil":
+        sample |= agent_times(pair.cluster.agent_log(survivor.name), wall0)
+    # the lost host "reboots": no leftover address or neighbours, back on the bridge
+    victim.run(["ip", "addr", "del", f"{pair.vip}/24", "dev", "eth0"], check=False)
+    victim.run(["ip", "neigh", "flush", "all"], check=False)
+    net.heal()
+    if pair.setup.kind == "keepalived":
+        start_httpd(victim, pair.work)
+        start_keepalived(pair, victim)
+        pair.active = pair.a  # A preempts
+    else:
+        pair.cluster.agents.pop(victim.name, None)
+        pair.cluster.start_agent(victim.name)
+        pair.active = survivor  # failback_policy = "manual"
+    return sample
+
+
+def agent_times(log: str, wall0: float) -> dict[str, float | None]:
+    """From the survivor's agent log (wall clock, ms resolution), after the kill at
+    ``wall0``: when the controller ordered the start (``planned_ms``) and when the
+    agent started the service (``service_ms``, after the address and its arping)."""
+    out: dict[str, float | None] = {"planned_ms": None, "service_ms": None}
+    for line in log.splitlines():
+        key = (
+            "planned_ms"
+            if "controller: start web" in line
+            else "service_ms"
+            if "start service http" in line
+            else None
+        )
+        if key is None:
+            continue
+        try:
+            t = time.mktime(time.strptime(line[:19], "%Y-%m-%d %H:%M:%S")) + int(line[20:23]) / 1e3
+        except ValueError:
+            continue
+        if t >= wall0 and out[key] is None:
+            out[key] = round((t - wall0) * 1000, 0)
+    return out
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def run(args: argparse.Namespace) -> int:
+    from lab.net import Network
+    from vigil.testing.etcd import EtcdCluster, etcd_version, find_etcd
+
+    setups = [SETUPS[s] for s in args.setups.split(",")]
+    need_etcd = any(s.kind == "vigil" for s in setups)
+    missing = [b for b in ("ip", "keepalived", "arping") if shutil.which(b) is None]
+    etcd_bin = find_etcd()
+    if need_etcd and etcd_bin is None:
+        missing.append("etcd")
+    if missing or os.geteuid() != 0:
+        sys.exit(
+            f"bench: needs root and {', '.join(missing) or 'nothing else'}: "
+            "apt-get install keepalived iputils-arping etcd-server iproute2 "
+            "(or sh scripts/ensure-bench.sh)"
+        )
+    give_up = 30.0
+    results: dict[str, Any] = {
+        "bench": NAME,
+        "time": benchlib.utc_now(),
+        "host": benchlib.host_info(),
+        "keepalived_version": subprocess.run(
+            ["keepalived", "--version"], capture_output=True, text=True, check=False
+        ).stderr.split("\n")[0],
+        "etcd_version": etcd_version(etcd_bin) if etcd_bin else None,
+        "trials_per_setup": args.trials,
+        "setups": {},
+    }
+    work = Path(tempfile.mkdtemp(prefix="vigil-bench-keepalived-"))
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    pairs: list[Pair] = []
+    etcd = None
+    failed = False
+    try:
+        with Network(hosts=2 * len(setups) + 1) as net:
+            client = net.hosts[-1]
+            enter_netns(client.netns)
+            try:
+                store = None
+                if need_etcd:
+                    assert etcd_bin is not None
+                    wrapper = work / "etcd"
+                    wrapper.write_text(ETCD_WRAPPER.format(addr=client.addr, etcd=etcd_bin))
+                    wrapper.chmod(0o755)
+                    etcd = EtcdCluster(work / "etcd-data", members=3, binary=str(wrapper))
+                    store = "etcd://" + ",".join(f"{client.addr}:{p}" for p in etcd.client_ports)
+                for k, s in enumerate(setups):
+                    d = work / s.name
+                    d.mkdir()
+                    pair = Pair(s, net.hosts[2 * k], net.hosts[2 * k + 1], f"10.77.0.{100 + k}", d)
+                    pairs.append(pair)
+                    print(
+                        f"{s.name}: hosts {pair.a.name}, {pair.b.name}, IP {pair.vip}", flush=True
+                    )
+                    boot(pair, store, give_up)
+                for i in range(args.trials):
+                    order = list(pairs)
+                    random.shuffle(order)
+                    for pair in order:
+                        t = trial(net, pair, i, give_up)
+                        pair.trials.append(t)
+                        extra = (
+                            f" (planned {t['planned_ms']}, service {t['service_ms']})"
+                            if "planned_ms" in t
+                            else ""
+                        )
+                        print(f"  trial {i + 1:3d}/{args.trials} {pair.setup.name:16} "
+                              f"{t['from']} -> {t['to']}: {t['ms']:7.1f} ms{extra}", flush=True)  # fmt: skip
+            except (RuntimeError, AssertionError) as exc:
+                print(f"FAILED: {str(exc)[:2000]}", file=sys.stderr)
+                results["error"] = str(exc)[:2000]
+                failed = True
+            finally:
+                with benchlib.signals_ignored():
+                    for pair in pairs:
+                        if pair.cluster is not None:
+                            for h in (pair.a, pair.b):
+                                with contextlib.suppress(Exception):
+                                    net.kill_host(h)
+                            pair.cluster.agents.clear()
+                            with contextlib.suppress(Exception):
+                                pair.cluster.close()
+                    if etcd is not None:
+                        etcd.close()
+                    enter_netns_fd(home)
+    finally:
+        os.close(home)
+        if args.keep:
+            print(f"bench: kept {work}", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    results["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    for pair in pairs:
+        results["setups"][pair.setup.name] = {
+            "kind": pair.setup.kind,
+            "detection_s": round(pair.setup.detection_s, 3),
+            "node_timeout": pair.setup.node_timeout or None,
+            "keepalived_extra": pair.setup.keepalived_extra.split() or None,
+            "failover_ms": benchlib.summary(pair.samples),
+            **{
+                key: benchlib.summary([t[key] for t in pair.trials if t.get(key) is not None])
+                for key in ("planned_ms", "service_ms")
+                if pair.setup.kind == "vigil"
+            },
+            "samples": pair.trials,
+        }
+    results["ratios"] = ratios(results["setups"])
+    print_table(results)
+    path = benchlib.write_results(NAME, results, args.output)
+    print(f"results: {path}")
+    if args.plot and pairs and not failed:
+        plot(results, args.plot)
+    print(
+        benchlib.json_line(
+            {k: v for k, v in results.items() if k not in ("setups", "host")}
+            | {"loadavg_start": results["host"]["loadavg"]}
+            | {
+                name: {x: r["failover_ms"][x] for x in ("p50", "p99", "max")}
+                for name, r in results["setups"].items()
+            }
+        )
+    )
+    return 1 if failed else 0
+
+
+def ratios(setups: dict[str, Any]) -> list[dict[str, Any]]:
+    out = []
+    for k, v in PAIRS:
+        if k in setups and v in setups and setups[v]["failover_ms"]["count"]:
+            a, b = setups[k]["failover_ms"], setups[v]["failover_ms"]
+            out.append(
+                {
+                    "keepalived": k,
+                    "vigil": v,
+                    "p50": round(a["p50"] / b["p50"], 2),
+                    "p99": round(a["p99"] / b["p99"], 2),
+                }
+            )
+    return out
+
+
+def print_table(results: dict[str, Any]) -> None:
+    cols = ("p50", "p95", "p99", "max", "mean", "min")
+    print("\nhost loss -> the IP answers HTTP from the other host (ms)")
+    print(f"{'':16}{'detect':>8}" + "".join(f"{c:>9}" for c in cols) + f"{'n':>5}")
+    for name, r in results["setups"].items():
+        s = r["failover_ms"]
+        print(
+            f"{name:16}{r['detection_s']:>7.2f}s"
+            + "".join(f"{s[c]:>9.0f}" for c in cols)
+            + f"{s['count']:>5}"
+        )
+    for name, r in results["setups"].items():
+        if "planned_ms" in r:
+            p, v = r["planned_ms"], r["service_ms"]
+            print(
+                f"{name}: controller ordered the start p50 {p['p50']:.0f} / max {p['max']:.0f}"
+                f" ms, service started p50 {v['p50']:.0f} / max {v['max']:.0f} ms"
+            )
+    for q in results["ratios"]:
+        print(f"{q['keepalived']} / {q['vigil']}: p50 x{q['p50']:.2f}, p99 x{q['p99']:.2f}")
+    setups = results["setups"]
+    if "keepalived" in setups and "vigil" in setups:
+        k, v = setups["keepalived"]["failover_ms"]["p99"], setups["vigil"]["failover_ms"]["p99"]
+        verdict = "met" if v < k else "MISSED"
+        print(f"target: vigil p99 {v:.0f} ms < keepalived p99 {k:.0f} ms (defaults): {verdict}")
+    print(f"load average: start {results['host']['loadavg']}, end {results['loadavg_end']}")
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("plot: skipped (no matplotlib; pip install -e '.[dev]')", file=sys.stderr)
+        return
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [3, 2]})
+    names = list(results["setups"])
+    for j, name in enumerate(names):
+        r = results["setups"][name]
+        xs = sorted(t["ms"] / 1000 for t in r["samples"])
+        ys = [(n + 1) / len(xs) for n in range(len(xs))]
+        style = "-" if r["kind"] == "vigil" else "--"
+        ax1.step(xs, ys, style, where="post", label=f"{name} (detect {r['detection_s']:.2f} s)")
+        ax2.scatter([x for x in xs], [j + random.uniform(-0.15, 0.15) for _ in xs], s=12)
+    ax1.set_xlabel("host killed → IP answers HTTP from the other host (s)")
+    ax1.set_ylabel("fraction of trials")
+    ax1.grid(alpha=0.3)
+    ax1.legend(loc="lower right", fontsize=8)
+    ax2.set_yticks(range(len(names)), names)
+    ax2.set_xlabel("failover (s), one dot a trial")
+    ax2.grid(alpha=0.3, axis="x")
+    n = results["trials_per_setup"]
+    load = results["host"]["loadavg"]
+    fig.suptitle(
+        f"Failover of a relocatable IP: vigil and keepalived, {n} trials each "
+        f"(load {load[0]:.1f} → {results['loadavg_end'][0]:.1f}, {results['time']})",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    print(f"plot: {path}")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--trials", type=int, default=20, help="host losses per setup (20)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"3 trials per setup, no plot, results/{NAME}_quick.json",
+    )
+    p.add_argument("--setups", default=",".join(SETUPS), help=f"of {','.join(SETUPS)}")
+    p.add_argument("--plot", type=Path, default=DEFAULT_PLOT, help="the PNG ('' for none)")
+    p.add_argument("--output", type=Path, default=None, help=f"default results/{NAME}.json")
+    p.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    args = p.parse_args()
+    if args.quick:
+        args.trials = 3
+        args.plot = None
+        args.output = args.output or benchlib.RESULTS_DIR / f"{NAME}_quick.json"
+    if args.trials < 1:
+        p.error("need --trials >= 1")
+    if str(args.plot) in ("", "."):
+        args.plot = None
+    unknown = [s for s in args.setups.split(",") if s not in SETUPS]
+    if unknown:
+        p.error(f"unknown setup(s) {', '.join(unknown)}; known: {', '.join(SETUPS)}")
+    benchlib.require_vigil()
+    return benchlib.run_main(run, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
