@@ -264,6 +264,14 @@ class LabCluster:
             self.start_etcd(host)
         self.start_agent(host)
 
+    def holders(self, addr: str) -> list[str]:
+        """The hosts that have ``addr`` on their ``eth0``."""
+        return [
+            h.name
+            for h in self.hosts
+            if f"inet {addr}/" in h.run(["ip", "-4", "addr", "show", "eth0"], check=False).stdout
+        ]
+
     def live_hosts(self) -> list[Host]:
         return [h for h in self.hosts if h.name not in self.down]
 

@@ -1,0 +1,78 @@
+"""``python -m lab --seed N --steps N [--hosts N] [--broken nofence] [--root DIR]``
+
+The fault lab (see docs/reliability.md). Needs root, iproute2, nftables,
+util-linux and etcd. Exit status: 0 all audits passed, 1 an audit failed,
+2 the lab could not be built. ``--cleanup`` removes what a crashed run left
+(namespaces ``vgl*`` and their processes) and exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from lab.cluster import LabCluster
+from lab.net import cleanup_stale, list_netns
+from lab.run import Run, write_summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lab", description=__doc__.split("\n")[0])
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--hosts", type=int, default=4, choices=range(3, 6))
+    parser.add_argument("--broken", default="", choices=["", "nofence"])
+    parser.add_argument(
+        "--skip",
+        default="",
+        help="audits to leave out, comma-separated (only: address); see docs/reliability.md",
+    )
+    parser.add_argument("--root", type=Path, default=None, help="keep everything here")
+    parser.add_argument("--cleanup", action="store_true")
+    args = parser.parse_args(argv)
+    if args.cleanup:
+        removed = cleanup_stale("vgl")
+        print(f"removed {len(removed)} namespace(s): {' '.join(removed)}")
+        return 0
+    if os.geteuid() != 0:
+        print("the lab needs root (network namespaces)", file=sys.stderr)
+        return 2
+    root = args.root or Path(tempfile.mkdtemp(prefix=f"vigil-lab-{args.seed}-"))
+    root.mkdir(parents=True, exist_ok=True)
+    print(f"lab: seed {args.seed}, {args.steps} steps, {args.hosts} hosts, root {root}")
+
+    def say(line: str) -> None:
+        print(f"{time.strftime('%H:%M:%S')} {line}", flush=True)
+
+    try:
+        with LabCluster(root, hosts=args.hosts, broken=args.broken) as lab:
+            prefix = lab.net.prefix
+            skip = frozenset(s for s in args.skip.split(",") if s)
+            if skip - {"address"}:
+                parser.error(f"--skip: unknown audit(s) {sorted(skip - {'address'})}")
+            result = Run(lab, args.seed, args.steps, say, skip).run()
+    except KeyboardInterrupt:
+        print("lab: interrupted; everything it made was removed", file=sys.stderr)
+        return 130
+    left = list_netns(prefix + "-")
+    if left:
+        print(f"lab: namespaces left behind: {left}", file=sys.stderr)
+        return 1
+    write_summary(root, result)
+    print({k: v for k, v in result.as_json().items() if k != "failure"})
+    if result.failure:
+        print(result.failure, file=sys.stderr)
+        return 1
+    print(f"lab: seed {args.seed}: {result.done} steps, all audits passed")
+    if args.root is None and not result.failure:
+        shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

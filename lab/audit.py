@@ -1,0 +1,201 @@
+"""The lab's audits, run after every step. Each returns what is wrong (empty: passed).
+
+- :func:`double_runs` — at most one host runs each package at any moment: no two
+  witness incarnations of a package overlap (:func:`vigil.testing.witness.overlaps`),
+  with ``MARGIN_NS`` added to every interval's end for the time a dying process
+  (or host) takes to stop after its last heartbeat;
+- :func:`unavailable` — every ``auto_run`` package with an eligible host is running;
+- :func:`disagreement` — ``vigil status --json`` is the same on every live host;
+- :func:`wrong_address` — each running package's address answers, from every live
+  host, with the host that status says runs it;
+- :func:`damaged` — configuration, switching, flags and locks are as the lab set them;
+- :class:`LogScan` — no traceback or error pattern appeared in the agents' logs.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from vigil.testing.witness import incarnations, overlaps, read_records
+
+MARGIN_NS = 50_000_000  # 5 witness heartbeats
+View = dict[str, Any]
+
+
+class WitnessWindow:
+    """The witness log read a window at a time: each audit checks the records
+    written since the start of the previous step (a whole-log read at every step of
+    a long run would cost more and more), :meth:`final` checks the whole log once."""
+
+    def __init__(self, log: Path, scratch: Path) -> None:
+        self.log = log
+        self.scratch = scratch
+        self.marks: list[int] = [0]
+
+    def mark(self) -> None:
+        """A step begins: remember where the log ends now."""
+        self.marks.append(self.log.stat().st_size if self.log.exists() else 0)
+        del self.marks[:-2]
+
+    def check(self) -> list[str]:
+        with self.log.open("rb") as f:
+            f.seek(self.marks[0])
+            self.scratch.write_bytes(f.read())
+        return describe_overlaps(self.scratch)
+
+    def final(self) -> list[str]:
+        return describe_overlaps(self.log)
+
+
+def describe_overlaps(log: Path) -> list[str]:
+    found = overlaps(log, MARGIN_NS)
+    if not found:
+        return []
+    records = read_records(log)
+    out = []
+    for a, b in found[:5]:
+        out.append(
+            f"double run of {a.package}: {a.node} pid {a.pid} (log lines {a.first_line}.."
+            f"{a.last_line}) and {b.node} pid {b.pid} (lines {b.first_line}..{b.last_line})"
+            f" overlap {(min(a.last, b.last) - b.first) / 1e6:.1f} ms"
+        )
+        lo, hi = b.first - 200_000_000, min(a.last, b.last) + 200_000_000
+        shown: set[tuple[str, str, int]] = set()
+        for r in records:
+            key = (r.kind, r.node, r.pid)
+            if (
+                r.package == a.package
+                and lo <= r.t <= hi
+                and (r.kind != "alive" or key not in shown)
+            ):
+                out.append(
+                    f"    {log.name}:{r.line}: {r.kind} {r.node} {r.package} {r.t} pid {r.pid}"
+                )
+                shown.add(key)
+    return out
+
+
+def running_hosts(log: Path) -> dict[str, set[str]]:
+    """Per package, the hosts whose witness wrote the last records (for reports)."""
+    out: dict[str, set[str]] = {}
+    for pkg, incs in incarnations(log).items():
+        if incs:
+            last = max(i.last for i in incs)
+            out[pkg] = {i.node for i in incs if last - i.last < MARGIN_NS}
+    return out
+
+
+def unavailable(view: View, eligible: set[str]) -> list[str]:
+    """``auto_run`` packages not running while one of ``eligible`` hosts is up."""
+    out = []
+    up = {n for n, rec in view.get("nodes", {}).items() if rec.get("state") == "up"}
+    for name, p in sorted(view.get("packages", {}).items()):
+        if p.get("auto_run") and p.get("state") != "running" and up & eligible:
+            out.append(f"{name} is {p.get('state')} on {p.get('node')}: {p.get('message', '')}")
+    return out
+
+
+def summary(view: View) -> dict[str, Any]:
+    """What every host must agree on: node states, package states and hosts, switching."""
+    return {
+        "nodes": {n: rec.get("state") for n, rec in view.get("nodes", {}).items()},
+        "packages": {
+            n: (p.get("state"), p.get("node"), p.get("auto_run"), p.get("disabled_nodes"))
+            for n, p in view.get("packages", {}).items()
+        },
+    }
+
+
+def disagreement(views: dict[str, View | None]) -> list[str]:
+    """Hosts whose ``vigil status --json`` failed or differs from the first host's."""
+    out = []
+    base_host, base = next(iter(views.items()))
+    if base is None:
+        return [f"vigil status --json failed on {base_host}"]
+    want = summary(base)
+    for host, view in views.items():
+        if view is None:
+            out.append(f"vigil status --json failed on {host}")
+        elif (got := summary(view)) != want:
+            out.append(f"status on {host} differs from {base_host}: {got} != {want}")
+    return out
+
+
+def wrong_address(
+    view: View, addrs: dict[str, str], answers: dict[str, dict[str, str]]
+) -> list[str]:
+    """``answers``: per probing host, URL -> body (``NODE PACKAGE PID``)."""
+    out = []
+    for name, p in sorted(view.get("packages", {}).items()):
+        if p.get("state") != "running":
+            continue
+        url = addrs[name]
+        for prober, got in sorted(answers.items()):
+            body = got.get(url, "")
+            node = body.split()[0] if body.split() else ""
+            if node != p.get("node"):
+                out.append(
+                    f"{url} ({name}, running on {p.get('node')}) answered {body.strip()!r} "
+                    f"from {prober}"
+                )
+    return out
+
+
+def damaged(view: View, packages: list[str], hosts: list[str]) -> list[str]:
+    """Every lab package configured, switching on, no node switching off, no flags or
+    locks left, every host known."""
+    out = []
+    pkgs = view.get("packages", {})
+    for name in packages:
+        p = pkgs.get(name)
+        if p is None or not p.get("configured"):
+            out.append(f"package {name} lost its configuration")
+            continue
+        if p.get("disabled_nodes"):
+            out.append(f"package {name}: node switching off on {p['disabled_nodes']}")
+        if p.get("maintenance"):
+            out.append(f"package {name} is in maintenance")
+    extra = sorted(set(pkgs) - set(packages))
+    if extra:
+        out.append(f"packages nobody configured: {extra}")
+    nodes = view.get("nodes", {})
+    if sorted(nodes) != sorted(hosts):
+        out.append(f"nodes {sorted(nodes)} != hosts {sorted(hosts)}")
+    for name, rec in sorted(nodes.items()):
+        if rec.get("flags"):
+            out.append(f"node {name} has flags {rec['flags']}")
+    if view.get("cluster") != "lab":
+        out.append(f"cluster name is {view.get('cluster')!r}")
+    return out
+
+
+ERROR_PATTERNS = re.compile(
+    r"Traceback|Task exception was never retrieved|Exception in callback|CRITICAL|"
+    r"agent task \S+ died|Unhandled|FATAL"
+)
+
+
+class LogScan:
+    """New lines of the agents' logs since the last scan that match ERROR_PATTERNS."""
+
+    def __init__(self, logs: list[Path]) -> None:
+        self.offsets = {p: 0 for p in logs}
+
+    def check(self) -> list[str]:
+        out = []
+        for path, offset in self.offsets.items():
+            if not path.exists():
+                continue
+            with path.open("rb") as f:
+                f.seek(offset)
+                data = f.read()
+            self.offsets[path] = offset + len(data)
+            lines = data.decode(errors="replace").splitlines()
+            for i, line in enumerate(lines):
+                if ERROR_PATTERNS.search(line):
+                    out.append(f"{path.name}: {line}")
+                    out.extend(f"{path.name}:   {more}" for more in lines[i + 1 : i + 15])
+                    break
+        return out

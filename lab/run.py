@@ -1,0 +1,222 @@
+"""A lab run: build the cluster, then ``steps`` times fault → hold → heal → audit.
+
+Each step:
+
+1. **fault**: the next fault of the seeded schedule (:mod:`lab.nemesis`) is applied;
+2. **hold**: it stays for its hold time, while the witness log is checked for
+   double runs every half second (a double run fails the step at once);
+3. **heal**: the fault is undone; then the operator's part, as a person on call
+   would do it: ``vigil package clear`` of a package left ``failed`` or
+   ``halt_failed``, ``vigil package enable`` of switching a failure turned off;
+4. **audit**: within ``BOUND`` seconds every package must run again and every
+   live host's ``vigil status --json`` agree; then the audits of :mod:`lab.audit`.
+
+A failed audit ends the run with the seed, the step, the audit's findings, the
+witness excerpt and the tails of the agents' logs (exit status 1). A summary is
+written to ``ROOT/summary.json`` and printed.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lab import audit
+from lab.cluster import LabCluster
+from lab.nemesis import Fault, schedule
+
+BOUND = 45.0  # seconds after a heal by which everything must run and agree again
+POLL = 0.25
+View = dict[str, Any]
+
+
+class AuditFailed(Exception):
+    pass
+
+
+@dataclass
+class Result:
+    seed: int
+    steps: int
+    hosts: int
+    broken: str
+    skipped: list[str]
+    done: int = 0
+    faults: collections.Counter[str] = field(default_factory=collections.Counter)
+    recovery: dict[str, list[float]] = field(default_factory=dict)
+    operator: collections.Counter[str] = field(default_factory=collections.Counter)
+    failure: str = ""
+    seconds: float = 0.0
+
+    def as_json(self) -> dict[str, Any]:
+        rec = {
+            k: {"n": len(v), "max_s": round(max(v), 1), "mean_s": round(sum(v) / len(v), 1)}
+            for k, v in sorted(self.recovery.items())
+        }
+        return {
+            "seed": self.seed,
+            "steps": self.steps,
+            "steps_done": self.done,
+            "hosts": self.hosts,
+            "broken": self.broken,
+            "skipped_audits": self.skipped,
+            "faults": dict(sorted(self.faults.items())),
+            "recovery_after_heal": rec,
+            "operator_actions": dict(sorted(self.operator.items())),
+            "audit_failures": 1 if self.failure else 0,
+            "failure": self.failure,
+            "seconds": round(self.seconds),
+        }
+
+
+class Run:
+    def __init__(
+        self,
+        lab: LabCluster,
+        seed: int,
+        steps: int,
+        log: Any = print,
+        skip: frozenset[str] = frozenset(),
+    ) -> None:
+        self.lab = lab
+        self.skip = skip
+        self.seed = seed
+        self.steps = schedule(
+            seed,
+            steps,
+            lab.hosts,
+            lab.etcd_hosts,
+            [p.name for p in lab.packages],
+            lab.node_timeout,
+        )
+        self.say = log
+        self.witness = audit.WitnessWindow(lab.witness_log, lab.root / "audit-window.log")
+        self.logs = audit.LogScan([lab.logs / f"{h.name}.log" for h in lab.hosts])
+        self.result = Result(seed, steps, len(lab.hosts), lab.broken, sorted(skip))
+
+    # -- the loop -----------------------------------------------------------------
+
+    def run(self) -> Result:
+        t0 = time.monotonic()
+        try:
+            self.lab.start()
+            self.settle(0, None)
+            for n, fault in enumerate(self.steps, 1):
+                self.step(n, fault)
+                self.result.done = n
+            self.check(len(self.steps), "final", self.witness.final())
+        except AuditFailed as exc:
+            self.result.failure = str(exc)
+        finally:
+            self.result.seconds = time.monotonic() - t0
+        return self.result
+
+    def step(self, n: int, fault: Fault) -> None:
+        self.witness.mark()
+        self.say(f"step {n}/{len(self.steps)}: {fault.describe()}")
+        fault.apply(self.lab)
+        self.result.faults[fault.kind] += 1
+        deadline = time.monotonic() + fault.hold
+        while time.monotonic() < deadline:
+            self.check(n, "double run (during the fault)", self.witness.check(), fault)
+            time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+        fault.heal(self.lab)
+        took = self.settle(n, fault)
+        self.result.recovery.setdefault(fault.kind, []).append(took)
+
+    def settle(self, n: int, fault: Fault | None) -> float:
+        """Wait (bounded) until everything runs and every host agrees; audit. Returns
+        the seconds it took."""
+        t0 = time.monotonic()
+        deadline = t0 + BOUND
+        findings: dict[str, list[str]] = {}
+        while True:
+            findings = self.observe()
+            self.check(n, "double run", self.witness.check(), fault)
+            if not any(findings.values()):
+                break
+            if time.monotonic() > deadline:
+                what = next(k for k, v in findings.items() if v)
+                self.check(n, f"{what} {BOUND:g}s after the heal", findings[what], fault)
+            time.sleep(POLL)
+        took = time.monotonic() - t0
+        self.check(n, "agent logs", self.logs.check(), fault)
+        self.say(f"  ok: all running and agreeing {took:.1f}s after the heal")
+        return took
+
+    def observe(self) -> dict[str, list[str]]:
+        """One round of the settle audits; does the operator's part where needed."""
+        lab = self.lab
+        live = lab.live_hosts()
+        health = lab.etcd_health(live[0])
+        if not all(health.values()):
+            return {"etcd quorum": [f"etcd members not healthy: {health}"]}
+        views = {h.name: lab.status(h) for h in live}
+        disagree = audit.disagreement(views)
+        view = views[live[0].name]
+        if view is None:
+            return {"status agreement": disagree}
+        self.operate(view)
+        eligible = {h.name for h in live}
+        out = {
+            "availability": audit.unavailable(view, eligible),
+            "status agreement": disagree,
+            "configuration": audit.damaged(
+                view, [p.name for p in lab.packages], [h.name for h in lab.hosts]
+            ),
+        }
+        if not any(out.values()) and "address" not in self.skip:
+            addrs = {p.name: f"http://{p.addr}:8000/" for p in lab.packages}
+            answers = {h.name: lab.probe(h, list(addrs.values())) for h in live}
+            wrong = audit.wrong_address(view, addrs, answers)
+            if wrong:
+                wrong += [
+                    f"{p.addr} is on eth0 of: {', '.join(lab.holders(p.addr)) or 'no host'}"
+                    for p in lab.packages
+                ]
+            out["relocatable address"] = wrong
+        return out
+
+    def operate(self, view: View) -> None:
+        """What an operator does after a failure: clear, enable switching again."""
+        via = self.lab.live_hosts()[0]
+        for name, p in sorted(view.get("packages", {}).items()):
+            if p.get("state") in ("failed", "halt_failed"):
+                self.lab.on(via, "package", "clear", name)
+                self.result.operator["clear"] += 1
+            for node in p.get("disabled_nodes") or []:
+                self.lab.on(via, "package", "enable", name, "-n", node)
+                self.result.operator["enable -n"] += 1
+            if not p.get("auto_run"):
+                self.lab.on(via, "package", "enable", name)
+                self.result.operator["enable"] += 1
+
+    def check(self, n: int, what: str, problems: list[str], fault: Fault | None = None) -> None:
+        if not problems:
+            return
+        lines = [
+            f"AUDIT FAILED: {what}",
+            f"seed {self.seed}, step {n}/{len(self.steps)}"
+            + (f" ({fault.describe()})" if fault else " (before the first fault)"),
+            f"reproduce: make lab SEED={self.seed} STEPS={n} HOSTS={len(self.lab.hosts)}"
+            + (f" BROKEN={self.lab.broken}" if self.lab.broken else "")
+            + (f" SKIP={','.join(sorted(self.skip))}" if self.skip else ""),
+            *problems[:60],
+            f"witness log: {self.lab.witness_log}",
+        ]
+        for h in self.lab.hosts:
+            path = self.lab.logs / f"{h.name}.log"
+            tail = path.read_text(errors="replace").splitlines()[-25:] if path.exists() else []
+            lines.append(f"--- last lines of {path}")
+            lines.extend(tail)
+        raise AuditFailed("\n".join(lines))
+
+
+def write_summary(root: Path, result: Result) -> str:
+    text = json.dumps(result.as_json(), indent=2)
+    (root / "summary.json").write_text(text + "\n")
+    return text
