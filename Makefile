@@ -27,10 +27,12 @@ test: lint
 
 bench: $(STAMP)
 	@sh scripts/ensure-system.sh
+	@sh scripts/ensure-bench.sh
 	$(BIN)/python bench/restart_latency.py
 	$(BIN)/python bench/agent_footprint.py
 	$(BIN)/python bench/planner.py
 	$(BIN)/python bench/failover.py
+	$(BIN)/python bench/keepalived_compare.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
