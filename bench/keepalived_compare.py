@@ -648,21 +648,31 @@ def plot(results: dict[str, Any], path: Path) -> None:
     except ImportError:
         print("plot: skipped (no matplotlib; pip install -e '.[dev]')", file=sys.stderr)
         return
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [3, 2]})
+    fig, (ax1, ax2) = plt.subplots(
+        1, 2, figsize=(11, 4.2), sharex=True, gridspec_kw={"width_ratios": [3, 2]}
+    )
     names = list(results["setups"])
+    rng = random.Random(1)  # the same jitter on every redraw
     for j, name in enumerate(names):
         r = results["setups"][name]
+        color = f"C{j}"
         xs = sorted(t["ms"] / 1000 for t in r["samples"])
+        if not xs:
+            continue
         ys = [(n + 1) / len(xs) for n in range(len(xs))]
         style = "-" if r["kind"] == "vigil" else "--"
-        ax1.step(xs, ys, style, where="post", label=f"{name} (detect {r['detection_s']:.2f} s)")
-        ax2.scatter([x for x in xs], [j + random.uniform(-0.15, 0.15) for _ in xs], s=12)
+        ax1.step([xs[0], *xs], [0.0, *ys], style, where="post", color=color,
+                 label=f"{name} (detection {r['detection_s']:.2f} s)")  # fmt: skip
+        ax2.scatter(xs, [j + rng.uniform(-0.18, 0.18) for _ in xs], s=12, color=color)
+        s = r["failover_ms"]
+        ax2.plot([s["p50"] / 1000] * 2, [j - 0.3, j + 0.3], color="black", lw=1.5)
+        ax2.plot([s["p99"] / 1000], [j + 0.32], marker="v", color="black", ms=5)
     ax1.set_xlabel("host killed → IP answers HTTP from the other host (s)")
     ax1.set_ylabel("fraction of trials")
     ax1.grid(alpha=0.3)
     ax1.legend(loc="lower right", fontsize=8)
     ax2.set_yticks(range(len(names)), names)
-    ax2.set_xlabel("failover (s), one dot a trial")
+    ax2.set_xlabel("failover (s): a dot a trial, | p50, v p99")
     ax2.grid(alpha=0.3, axis="x")
     n = results["trials_per_setup"]
     load = results["host"]["loadavg"]
@@ -689,7 +699,16 @@ def main() -> int:
     p.add_argument("--plot", type=Path, default=DEFAULT_PLOT, help="the PNG ('' for none)")
     p.add_argument("--output", type=Path, default=None, help=f"default results/{NAME}.json")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    p.add_argument(
+        "--replot", action="store_true", help="only draw --plot again from the results file"
+    )
     args = p.parse_args()
+    if args.replot:
+        import json
+
+        source = args.output or benchlib.RESULTS_DIR / f"{NAME}.json"
+        plot(json.loads(source.read_text()), args.plot or DEFAULT_PLOT)
+        return 0
     if args.quick:
         args.trials = 3
         args.plot = None
