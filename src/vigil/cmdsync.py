@@ -93,14 +93,10 @@ def reassign(entries: Sequence[CmdsyncEntry], up_nodes: Sequence[str]) -> dict[s
 
 
 def check_marker(text: str) -> int:
-    """``-M`` must be a positive integer."""
-    try:
-        marker = int(text)
-    except ValueError:
-        marker = 0
-    if marker < 1 or not text.strip().isdigit():
+    """``-M`` must be a positive integer (digits only)."""
+    if not (text.isascii() and text.isdigit()) or int(text) < 1:
         raise UsageError(f"cmdsync save: -M: expected a positive integer, got {text!r}")
-    return marker
+    return int(text)
 
 
 def new_descriptor(node: str) -> str:

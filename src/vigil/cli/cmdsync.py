@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import click
+from rich.markup import escape
 
 from vigil import cmdsync as ops
 from vigil.cli.context import CliContext
@@ -142,7 +143,8 @@ def list_cmd(obj: CliContext, as_json: bool) -> None:
     if as_json:
         print_json([e.model_dump(mode="json") for e in entries])
         return
-    rows = [[e.descriptor, e.node, str(e.marker), command_line(e)] for e in entries]
+    rows = [[escape(e.descriptor), escape(e.node), str(e.marker), escape(command_line(e))]
+            for e in entries]  # fmt: skip
     console.print(table(None, ["DESCRIPTOR", "NODE", "MARKER", "COMMAND"], rows))
 
 
