@@ -52,13 +52,14 @@ def check_id(lock_id: str) -> str:
 
 
 def pid_start(pid: int) -> int | None:
-    """Start time of ``pid`` in clock ticks since boot, None if there is no such process."""
+    """Start time of ``pid`` in clock ticks since boot; None if there is no such process
+    or it has ended (a zombie waiting for its parent)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
+            fields = f.read().rsplit(")", 1)[1].split()
     except OSError:
         return None
-    return int(stat.rsplit(")", 1)[1].split()[19])
+    return None if fields[0] in ("Z", "X") else int(fields[19])
 
 
 def parent_of(pid: int) -> int | None:
