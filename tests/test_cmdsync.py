@@ -101,7 +101,7 @@ def c(tmp_path: Path) -> Iterator[LocalCluster]:
 
 VIGIL = _bin("vigil")
 
-# The sample of the README, writing its progress to $1 and waiting at step 3 for
+# Shaped like the README's sample, writing its progress to $1 and waiting at step 3 for
 # the file $2 to exist. Its own parameters come back on a rerun.
 RESUMABLE = f"""\
 D=$({VIGIL} cmdsync init "$0" "$@") || D=""

@@ -190,3 +190,15 @@ async def save(store: Store, keys: Keys, descriptor: str, marker: int, node: str
 async def cancel(store: Store, keys: Keys, descriptor: str) -> bool:
     """Remove the entry; False if there was none."""
     return await store.delete(keys.cmdsync(descriptor)) > 0
+
+
+async def remove_own(store: Store, keys: Keys, descriptor: str, node: str) -> bool:
+    """Remove the entry once its script ended on ``node``; kept if another node took
+    it over meanwhile (the script is rerun there). True if this call removed it."""
+    for _ in range(RETRIES):
+        kv = await store.get(keys.cmdsync(descriptor))
+        if kv is None or decode(CmdsyncEntry, kv).node != node:
+            return False
+        if await delete_if(store, keys, descriptor, kv.mod_revision):
+            return True
+    raise Conflict(f"cmdsync: descriptor {descriptor}: the store kept changing")

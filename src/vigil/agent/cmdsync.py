@@ -21,11 +21,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from vigil import cmdsync
-from vigil.errors import NotFound, SpawnError, StoreError
+from vigil.errors import SpawnError, StoreError
 from vigil.model import CmdsyncEntry
 from vigil.snapshot import encode
 from vigil.store import Compare, Put
@@ -64,6 +65,17 @@ def up_nodes(snap: Snapshot) -> list[str]:
     listed = list(snap.cluster.nodes) if snap.cluster and snap.cluster.nodes else []
     order = listed + sorted(n for n in snap.nodes if n not in listed)
     return [n for n in order if n in snap.nodes and not snap.node_halted(n)]
+
+
+@dataclass
+class _Run:
+    """A script this agent launched; ``killed`` once fencing or shutdown killed it."""
+
+    child: Child
+    killed: bool = False
+
+    def on_kill(self) -> None:
+        self.killed = True
 
 
 class CmdsyncDuty:
@@ -140,46 +152,29 @@ class CmdsyncDuty:
         what = f"from marker {e.marker}" if e.mode == "init" else "from the beginning"
         log.info("cmdsync %s: rerunning %s %s (pid %d, rerun %d)",
                  e.descriptor, e.script, what, child.pid, e.reruns)  # fmt: skip
-        task = asyncio.create_task(self._watch(e.descriptor, child), name=f"cmdsync-{e.descriptor}")
+        run = _Run(child)
+        a.registry.add(child, on_kill=run.on_kill)  # at once: a fence kills it from now on
+        task = asyncio.create_task(self._watch(e.descriptor, run), name=f"cmdsync-{e.descriptor}")
         self._running[e.descriptor] = task
         task.add_done_callback(lambda _: self._running.pop(e.descriptor, None))
         return True
 
-    async def _watch(self, descriptor: str, child: Child) -> None:
+    async def _watch(self, descriptor: str, run: _Run) -> None:
         """Wait for a script this agent launched; remove its entry when it ends by
         itself (not when fencing or the agent stopping killed it)."""
         a = self.agent
         assert a.registry is not None
-        killed = False
-
-        def on_kill() -> None:
-            nonlocal killed
-            killed = True
-
-        a.registry.add(child, on_kill=on_kill)
-        rc = await child.wait()
-        if await terminate_group(child, LEFTOVER_GRACE):
-            a.registry.remove(child)
-        if killed:
+        rc = await run.child.wait()
+        if await terminate_group(run.child, LEFTOVER_GRACE):
+            a.registry.remove(run.child)
+        if run.killed:
             log.warning("cmdsync %s: script killed with this node's processes; "
                         "its entry stays for a rerun", descriptor)  # fmt: skip
             return
         log.info("cmdsync %s: script ended (exit %s)", descriptor, rc)
         try:
-            await self._remove(descriptor)
+            if await cmdsync.remove_own(a.store, a.keys, descriptor, a.node):
+                log.info("cmdsync %s: entry removed (its script ended)", descriptor)
         except StoreError as exc:
             log.error("cmdsync %s: cannot remove the entry of the ended script: %s",
                       descriptor, exc)  # fmt: skip
-
-    async def _remove(self, descriptor: str) -> None:
-        a = self.agent
-        for _ in range(cmdsync.RETRIES):
-            try:
-                cur = await cmdsync.get(a.store, a.keys, descriptor)
-            except NotFound:
-                return  # cancelled by the script itself
-            if cur.entry.node != a.node:
-                return  # given to another node meanwhile: not ours to remove
-            if await cmdsync.delete_if(a.store, a.keys, descriptor, cur.revision):
-                log.info("cmdsync %s: entry removed (its script ended)", descriptor)
-                return

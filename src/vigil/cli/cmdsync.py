@@ -191,18 +191,5 @@ def run(obj: CliContext, script: str, params: tuple[str, ...]) -> int:
         rc = 126
     finally:
         if descriptor is not None:
-            obj.run(lambda store, keys: _remove_own(store, keys, descriptor, node))
+            obj.run(lambda store, keys: ops.remove_own(store, keys, descriptor, node))
     return 128 - rc if rc < 0 else rc
-
-
-async def _remove_own(store: Store, keys: Keys, descriptor: str, node: str) -> None:
-    """Remove the entry unless another node took it over (it is rerun there)."""
-    for _ in range(ops.RETRIES):
-        try:
-            cur = await ops.get(store, keys, descriptor)
-        except NotFound:
-            return
-        if cur.entry.node != node:
-            return
-        if await ops.delete_if(store, keys, descriptor, cur.revision):
-            return
