@@ -351,3 +351,39 @@ def test_without_failover_commands_fail_and_the_script_goes_on(tmp_path: Path, s
         assert lines(c.root / "rec2")[-1] == "done"
     finally:
         c.close()
+
+
+@pytest.mark.slow
+def test_agent_reruns_its_own_scripts_when_it_joins_again(tmp_path: Path) -> None:
+    """A script the agent of n2 reran dies with n2; with no other node up it stays
+    n2's, and n2's next agent runs it again (on_join) from the same marker."""
+    c = LocalCluster(tmp_path, ["n1", "n2"], node_timeout=f"{NODE_TIMEOUT:g}s", isolate=True)
+    try:
+        c.start_agents()
+        c.wait_nodes_up()
+        c.apply()
+        script = c.write_script("resumable.sh", RESUMABLE)
+        rec, go = c.root / "rec", c.root / "go"
+        proc = on_node(c, "n1", str(script), str(rec), str(go))
+        wait_line(c, rec, "step3 n1")
+        c.kill_node("n1")
+        proc.wait(timeout=10)
+        assert wait_rerun(rec, RERUN) == f"start n2 marker=2 args={rec} {go}"
+        wait_entries(c, lambda e: e and e[0]["by_agent"], 10, "rerun marked by_agent")
+        c.kill_node("n2")  # nowhere to go: the entry stays on n2
+        c.start_agent("n2")
+        c.wait_nodes_up(["n2"])
+        deadline = time.monotonic() + RERUN
+        while lines(rec).count(f"start n2 marker=2 args={rec} {go}") < 2:
+            assert time.monotonic() < deadline, lines(rec)
+            time.sleep(0.05)
+        (e,) = entries(c)
+        assert (e["node"], e["reruns"], e["marker"]) == ("n2", 2, 2)
+        assert "died with this node's previous agent; rerun" in c.agent_log("n2")
+        go.touch()
+        wait_line(c, rec, "done n2")
+        wait_entries(c, lambda e: e == [], 20, "entry cancelled by the rerun's trap")
+    finally:
+        c.close()
+        for n in c.nodes:
+            assert "Traceback" not in c.agent_log(n), c.agent_log(n)
