@@ -251,3 +251,42 @@ def test_own_package_commands_are_refused(tmp_path: Path) -> None:
             )
     finally:
         c.close()
+
+
+@pytest.mark.slow
+def test_wait_edges_go_away_on_sigterm_and_after_sigkill(two: LocalCluster) -> None:
+    c = two
+    c.write_script(
+        "slow.sh",
+        f'[ "$1" = start ] || exit 0\nwhile [ ! -e {c.root}/go ]; do sleep 0.05; done\n',
+    )
+    c.write_package(
+        f'name = "b"\nnodes = ["n2"]\n[[external_script]]\npath = "{c.config}/scripts/slow.sh"\n'
+    )
+    c.apply()
+    c.wait(lambda v: v["packages"]["b"]["state"] == "starting", 20, "b starting")
+
+    def waiter() -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [_bin("vigil"), "package", "halt", "b", "--wait", "--timeout", "30"],
+            env=c.env(VIGIL_PACKAGE="a", VIGIL_NODE="n1"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+
+    # SIGTERM (a script timeout's first step): the command removes its edge itself
+    first = waiter()
+    c.wait(lambda v: len(wait_edges(c)) == 1, 20, "a's wait edge")
+    first.terminate()
+    _, err = first.communicate(timeout=20)
+    assert first.returncode == 1
+    assert err.decode().strip() == "vigil: error: package b: wait interrupted by SIGTERM"
+    assert wait_edges(c) == []
+    # SIGKILL: the agent of n1 (where the command ran) removes the edge it left
+    second = waiter()
+    c.wait(lambda v: len(wait_edges(c)) == 1, 20, "a's wait edge again")
+    second.kill()
+    second.communicate(timeout=20)
+    c.wait(lambda v: wait_edges(c) == [], 10, "the dead command's edge removed by n1's agent")
+    assert "wait edge a -> b removed: its command" in c.agent_log("n1")
+    (c.root / "go").touch()
