@@ -8,6 +8,7 @@ scripts that hold locks and record hook runs in files. CONCEPTS §5 and §6.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import signal
@@ -24,11 +25,30 @@ from vigil.testing.cluster import LocalCluster, _bin
 pytestmark = pytest.mark.slow
 
 NODES = ["n1", "n2", "n3"]
+_names = itertools.count(1)
+
+
+@pytest.fixture(scope="module", params=["sqlite", "etcd"])
+def store_url(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str | None]:
+    """None: each cluster's own SQLite file; else a real 3-member etcd for the module."""
+    if request.param == "sqlite":
+        yield None
+        return
+    from vigil.testing.etcd import EtcdCluster, require_etcd
+
+    binary = require_etcd()
+    with EtcdCluster(tmp_path_factory.mktemp("etcd"), members=3, binary=binary) as etcd:
+        yield etcd.url
 
 
 @pytest.fixture
-def c(tmp_path: Path) -> Iterator[LocalCluster]:
-    cluster = LocalCluster(tmp_path, NODES, node_timeout="2s", isolate=True)
+def c(tmp_path: Path, store_url: str | None) -> Iterator[LocalCluster]:
+    name = f"fl{os.getpid()}-{next(_names)}"  # fresh keys in the shared etcd
+    cluster = LocalCluster(
+        tmp_path, NODES, name=name, node_timeout="2s", isolate=True, store=store_url
+    )
     try:
         yield cluster
     finally:
