@@ -22,7 +22,9 @@ of an earlier plan. What must hold for every plan:
     the same plan;
 (f) idempotence: once the plan's starts succeeded, planning again starts nothing
     more for them and does not halt or move them, unless a rule says so;
-(g) the agent (``decide``) carries out every START the plan assigns.
+(g) the agent (``decide``) carries out every START the plan assigns;
+(h) no START onto a node X flagged ``!nofailover!N``, N the node the package last
+    ran on (X != N).
 """
 
 from __future__ import annotations
@@ -184,6 +186,11 @@ def snapshots(draw: st.DrawFn) -> Snapshot:
             if kinds[n] in ("halted", "detached")
         },
     )
+    flagged: dict[str, frozenset[str]] = {}
+    for _ in range(draw(st.integers(0, 2))):  # !nofailover!A on B
+        a, b = draw(st.sampled_from(nodes)), draw(st.sampled_from(nodes))
+        flagged[b] = flagged.get(b, frozenset()) | {f"!nofailover!{a}"}
+    snap = dataclasses.replace(snap, flags=flagged)
     earlier = draw(st.sampled_from([None, 10.0, 1000.0]))
     if earlier is not None:  # an earlier plan of the same cluster: since, halt_wait
         snap = dataclasses.replace(snap, assignments=plan(snap, NOW - earlier).assignments)
@@ -233,6 +240,12 @@ def check_plan(snap: Snapshot, result: Plan) -> None:
         admin = snap.admin_of(pkg)
         if act.verb is Verb.START:  # (a) nobody holds it
             assert owner is None, f"start of {pkg} held by {owner}"
+            # (h) never onto a node flagged !nofailover! for the node it last ran on
+            assert (
+                st.node is None
+                or st.node == act.node
+                or not snap.has_flag(act.node or "", f"!nofailover!{st.node}")
+            ), f"{pkg} failed over from {st.node} to {act.node} despite the flag"
             assert assigned[pkg] == act.node
             # (d) failed / halt_failed never start, but a fenced node_fail_fast one
             assert st.state is not PackageState.FAILED
