@@ -81,10 +81,13 @@ def _act(
             return fn(admin, snap)
 
         await change_admin(store, keys, pkg, fn_checked)
-        if wait:
-            async with waiting(store, keys, pkg, obj.node):
-                return await wait_for(store, keys, pkg, want, fail, timeout, since)
-        return None
+        if not wait:
+            return None
+        state, _, _ = package_state(await read_snapshot(store, keys), pkg)
+        if state in want:
+            return state  # nothing to wait for: no wait edge, no loop
+        async with waiting(store, keys, pkg, obj.node):
+            return await wait_for(store, keys, pkg, want, fail, timeout, since)
 
     state = obj.run(go)
     if state is None:
