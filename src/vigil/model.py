@@ -208,4 +208,5 @@ class WaitEdge(_Record):
     waits_for: str
     node: str
     pid: int
+    pid_ns: str = ""  # /proc/PID/ns/pid of the waiting command: its PID means something only there
     since: float = Field(default_factory=time.time)

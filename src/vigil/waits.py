@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 from vigil.errors import CommandLoop, VigilError
 from vigil.keys import Keys
+from vigil.locks import pid_namespace
 from vigil.model import WaitEdge
 from vigil.snapshot import decode, encode
 from vigil.store import Compare, Delete, Store
@@ -77,8 +78,9 @@ def breaks_cycle(cycle: Sequence[str], revisions: Mapping[str, int], waiter: str
 
 
 def stale(edge: WaitEdge, node: str) -> bool:
-    """An edge of this node whose command is gone (SIGKILLed before it could clean up)."""
-    return edge.node == node and not procfs.pid_alive(edge.pid)
+    """An edge of this node (and PID namespace) whose command is gone (SIGKILLed
+    before it could clean up)."""
+    return edge.node == node and edge.pid_ns == pid_namespace() and not procfs.pid_alive(edge.pid)
 
 
 async def read_edges(store: Store, keys: Keys) -> list[StoredEdge]:
@@ -111,7 +113,10 @@ async def waiting(
         yield
         return
     key = keys.wait(waiter)
-    value = encode(WaitEdge(package=waiter, waits_for=target, node=node, pid=os.getpid()))
+    edge = WaitEdge(
+        package=waiter, waits_for=target, node=node, pid=os.getpid(), pid_ns=pid_namespace()
+    )
+    value = encode(edge)
     await store.put(key, value)
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
