@@ -232,6 +232,7 @@ def test_loop_is_found_within_a_second_of_closing_it(two: LocalCluster) -> None:
     assert wait_edges(c) == []
 
 
+@pytest.mark.slow
 def test_own_package_commands_are_refused(tmp_path: Path) -> None:
     c = LocalCluster(tmp_path, ["n1"])
     try:
@@ -249,6 +250,17 @@ def test_own_package_commands_are_refused(tmp_path: Path) -> None:
             assert "a script of this package cannot run vigil commands against its own" in (
                 out.stderr
             )
+        # halting the node where its own package runs would halt that package too
+        c.write_package('name = "web"\n[[service]]\nname = "s"\ncommand = ["sleep", "1000"]\n')
+        c.start_agents()
+        c.wait_nodes_up()
+        c.apply()
+        c.wait(lambda v: v["packages"]["web"]["state"] == "running", 20, "web running")
+        out = c.vigil("node", "halt", "n1", "--failover", check=False, VIGIL_PACKAGE="web")
+        assert out.returncode == 2, out.stderr
+        assert "would halt its own package (command loop)" in out.stderr
+        assert c.view()["nodes"]["n1"]["state"] == "up"
+        c.vigil("node", "halt", "n1", "--detach", VIGIL_PACKAGE="web")  # left running: fine
     finally:
         c.close()
 

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import click
@@ -74,6 +75,12 @@ def halt(obj: CliContext, name: str, mode: str | None, wait: bool, timeout: floa
         snap = await read_snapshot(store, keys)
         require_node(snap, name)
         running = sorted(p for p, n in snap.owners.items() if n == name)
+        own = os.environ.get("VIGIL_PACKAGE")
+        if own in running and mode != "detach":
+            raise UsageError(
+                f"node {name} runs package {own}, whose script runs this command: halting "
+                "the node would halt its own package (command loop)"
+            )
         if running and mode is None:
             raise UsageError(
                 f"node {name} runs {', '.join(running)}: use --failover to move them to "
