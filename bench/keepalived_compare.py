@@ -77,6 +77,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -258,6 +259,45 @@ def has_ip(host: Any, vip: str) -> bool:
     return f" {vip}/" in out
 
 
+class VrrpListener:
+    """Every VRRP advertisement the client host receives, timed: (monotonic ns, source
+    address, virtual router id, priority). A daemon thread on a raw socket (IP protocol
+    112) joined to 224.0.0.18; it is in the network namespace of the thread that
+    starts it."""
+
+    def __init__(self, local_addr: str) -> None:
+        self.adverts: list[tuple[int, str, int, int]] = []
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, 112)
+        mreq = socket.inet_aton("224.0.0.18") + socket.inet_aton(local_addr)
+        self.sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, mreq)
+        threading.Thread(target=self._run, daemon=True, name="vrrp-listener").start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                data, (src, _) = self.sock.recvfrom(2048)
+            except OSError:
+                return
+            t = time.monotonic_ns()
+            ihl = (data[0] & 0x0F) * 4
+            if len(data) >= ihl + 3:
+                self.adverts.append((t, src, data[ihl + 1], data[ihl + 2]))
+
+    def times(self, vrid: int, t0: int, old: str, new: str) -> dict[str, float | None]:
+        """``phase_ms``: from ``old``'s last advert to the kill at ``t0``; ``takeover_ms``:
+        from the kill to ``new``'s first advert as master."""
+        adverts = list(self.adverts)
+        last = [t for t, src, v, _ in adverts if v == vrid and src == old and t <= t0]
+        first = [t for t, src, v, _ in adverts if v == vrid and src == new and t > t0]
+        return {
+            "phase_ms": round((t0 - last[-1]) / 1e6, 1) if last else None,
+            "takeover_ms": round((first[0] - t0) / 1e6, 1) if first else None,
+        }
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 # --------------------------------------------------------------------------- the setups
 
 
@@ -275,6 +315,10 @@ class Pair:
     samples: list[float] = field(default_factory=list)
     trials: list[dict[str, Any]] = field(default_factory=list)
 
+    @property
+    def vrid(self) -> int:
+        return 50 + int(self.vip.rsplit(".", 1)[1]) - 100
+
     def other(self, host: Any) -> Any:
         return self.b if host is self.a else self.a
 
@@ -289,7 +333,7 @@ def start_httpd(host: Any, work: Path) -> None:
 def start_keepalived(pair: Pair, host: Any) -> None:
     primary = host is pair.a
     conf = pair.work / f"{host.name}-keepalived.conf"
-    vrid = 50 + int(pair.vip.rsplit(".", 1)[1]) - 100
+    vrid = pair.vrid
     conf.write_text(
         KEEPALIVED_CONF.format(
             host=host.name,
@@ -403,7 +447,9 @@ def steady(pair: Pair, give_up: float) -> None:
     )
 
 
-def trial(net: Any, pair: Pair, i: int, give_up: float) -> dict[str, Any]:
+def trial(
+    net: Any, pair: Pair, i: int, give_up: float, vrrp: VrrpListener | None
+) -> dict[str, Any]:
     victim = pair.active
     survivor = pair.other(victim)
     steady(pair, give_up)
@@ -428,6 +474,8 @@ def trial(net: Any, pair: Pair, i: int, give_up: float) -> dict[str, Any]:
     sample: dict[str, Any] = {"trial": i, "from": victim.name, "to": survivor.name, "ms": ms}
     if pair.setup.kind == "vigil":
         sample |= agent_times(pair.cluster.agent_log(survivor.name), wall0)
+    elif vrrp is not None:
+        sample |= vrrp.times(pair.vrid, t0, victim.addr, survivor.addr)
     # the lost host "reboots": no leftover address or neighbours, back on the bridge
     victim.run(["ip", "addr", "del", f"{pair.vip}/24", "dev", "eth0"], check=False)
     victim.run(["ip", "neigh", "flush", "all"], check=False)
@@ -507,6 +555,9 @@ def run(args: argparse.Namespace) -> int:
         with Network(hosts=2 * len(setups) + 1) as net:
             client = net.hosts[-1]
             enter_netns(client.netns)
+            vrrp = None
+            with contextlib.suppress(OSError):
+                vrrp = VrrpListener(client.addr)
             try:
                 store = None
                 if need_etcd:
@@ -529,11 +580,13 @@ def run(args: argparse.Namespace) -> int:
                     order = list(pairs)
                     random.shuffle(order)
                     for pair in order:
-                        t = trial(net, pair, i, give_up)
+                        t = trial(net, pair, i, give_up, vrrp)
                         pair.trials.append(t)
                         extra = (
                             f" (planned {t['planned_ms']}, service {t['service_ms']})"
                             if "planned_ms" in t
+                            else f" (phase {t['phase_ms']}, takeover {t['takeover_ms']})"
+                            if "takeover_ms" in t
                             else ""
                         )
                         print(f"  trial {i + 1:3d}/{args.trials} {pair.setup.name:16} "
@@ -554,6 +607,8 @@ def run(args: argparse.Namespace) -> int:
                                 pair.cluster.close()
                     if etcd is not None:
                         etcd.close()
+                    if vrrp is not None:
+                        vrrp.close()
                     enter_netns_fd(home)
     finally:
         os.close(home)
@@ -571,8 +626,8 @@ def run(args: argparse.Namespace) -> int:
             "failover_ms": benchlib.summary(pair.samples),
             **{
                 key: benchlib.summary([t[key] for t in pair.trials if t.get(key) is not None])
-                for key in ("planned_ms", "service_ms")
-                if pair.setup.kind == "vigil"
+                for key in ("planned_ms", "service_ms", "phase_ms", "takeover_ms")
+                if any(t.get(key) is not None for t in pair.trials)
             },
             "samples": pair.trials,
         }
@@ -628,6 +683,13 @@ def print_table(results: dict[str, Any]) -> None:
             print(
                 f"{name}: controller ordered the start p50 {p['p50']:.0f} / max {p['max']:.0f}"
                 f" ms, service started p50 {v['p50']:.0f} / max {v['max']:.0f} ms"
+            )
+        if "takeover_ms" in r:
+            p, v = r["phase_ms"], r["takeover_ms"]
+            print(
+                f"{name}: kill after the master's last advert p50 {p['p50']:.0f} ms (min "
+                f"{p['min']:.0f}, max {p['max']:.0f}); backup's first advert p50 "
+                f"{v['p50']:.0f} / max {v['max']:.0f} ms"
             )
     for q in results["ratios"]:
         print(f"{q['keepalived']} / {q['vigil']}: p50 x{q['p50']:.2f}, p99 x{q['p99']:.2f}")
