@@ -14,7 +14,8 @@ one script gives up while the others go on waiting (and can now finish).
 
 An edge is removed when its command ends (``finally``, and on SIGTERM from a
 script timeout). One left behind by a SIGKILLed command is ignored by the check when
-its process is gone from this node, and removed by that node's agent.
+its process is gone from this node, and removed by that node's agent; edges of a
+node that is down are ignored, and removed by the controller.
 """
 
 from __future__ import annotations
@@ -89,8 +90,12 @@ async def read_edges(store: Store, keys: Keys) -> list[StoredEdge]:
 
 
 async def check(store: Store, keys: Keys, waiter: str, node: str) -> None:
-    """Raise CommandLoop if ``waiter``'s edge closes a cycle that it must break."""
-    live = [e for e in await read_edges(store, keys) if not stale(e.edge, node)]
+    """Raise CommandLoop if ``waiter``'s edge closes a cycle that it must break.
+    Edges of nodes that are down are ignored: their commands died with them."""
+    up = {keys.leaf(kv.key) for kv in (await store.range(keys.nodes))[0]}
+    live = [
+        e for e in await read_edges(store, keys) if e.edge.node in up and not stale(e.edge, node)
+    ]
     graph = {e.edge.package: e.edge.waits_for for e in live}
     cycle = find_cycle(graph, waiter)
     if cycle is None:
@@ -117,7 +122,6 @@ async def waiting(
         package=waiter, waits_for=target, node=node, pid=os.getpid(), pid_ns=pid_namespace()
     )
     value = encode(edge)
-    await store.put(key, value)
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
     terminated = False
@@ -130,6 +134,7 @@ async def waiting(
 
     loop.add_signal_handler(signal.SIGTERM, on_term)
     try:
+        await store.put(key, value)
         await check(store, keys, waiter, node)
         yield
     except asyncio.CancelledError:

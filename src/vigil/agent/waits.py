@@ -23,7 +23,8 @@ log = logging.getLogger("vigil.agent")
 
 class WaitEdgeCleanup:
     """Edges are read again only when the store changed; the processes of this node's
-    edges are checked every tick (a process dying changes nothing in the store)."""
+    edges are checked every tick (a process dying changes nothing in the store).
+    The controller also removes the edges of nodes that are down."""
 
     def __init__(self, agent: Agent) -> None:
         self.agent = agent
@@ -35,15 +36,19 @@ class WaitEdgeCleanup:
 
     async def tick(self, snap: Snapshot) -> None:
         a = self.agent
+        gone: list[tuple[waits.StoredEdge, str]] = []
         if snap.revision != self._seen:
-            self._mine = [
-                e for e in await waits.read_edges(a.store, a.keys) if e.edge.node == a.node
-            ]
+            edges = await waits.read_edges(a.store, a.keys)
+            self._mine = [e for e in edges if e.edge.node == a.node]
+            if snap.controller == a.node:
+                gone = [(e, f"node {e.edge.node} is down") for e in edges
+                        if e.edge.node not in snap.nodes]  # fmt: skip
             self._seen = snap.revision
         for e in [e for e in self._mine if waits.stale(e.edge, a.node)]:
             self._mine.remove(e)
+            gone.append((e, f"its command (pid {e.edge.pid}) is gone"))
+        for e, why in gone:
             key = a.keys.wait(e.edge.package)
             res = await a.store.txn([Compare.mod_revision(key, e.revision)], [Delete(key)])
             if res.succeeded:
-                log.info("wait edge %s -> %s removed: its command (pid %d) is gone",
-                         e.edge.package, e.edge.waits_for, e.edge.pid)  # fmt: skip
+                log.info("wait edge %s -> %s removed: %s", e.edge.package, e.edge.waits_for, why)
