@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vigil.agent.batcher import TxnBatcher
 from vigil.agent.controller import Controller
 from vigil.agent.decide import (
     Decision,
@@ -144,6 +145,9 @@ class Agent:
             store, self.keys, node, cluster.node_timeout, replan=self._trigger.set
         )
         self._background: set[asyncio.Task[None]] = set()  # see _abandon
+        # claims, status writes and releases of concurrent package operations are
+        # joined into fewer store transactions (see agent/batcher.py)
+        self.batcher = TxnBatcher(store)
         self.hooks = HookRunner(self)
         self.duties = [self.hooks, *default_duties(self)]
 
@@ -564,7 +568,7 @@ class Agent:
             message=f"starting ({reason.value})",
         )
         owner_key = self.keys.owner(pkg)
-        res = await self.store.txn(
+        res = await self.batcher.txn(
             [Compare.absent(owner_key), Compare.exists(self.keys.node(self.node))],
             [
                 Put(owner_key, self.node.encode(), lease=self.lease),
@@ -689,7 +693,7 @@ class Agent:
         held.since = time.time()
         status = self._status(pkg, held)
         status = status.model_copy(update={"services": {}, "monitors": {}, "degraded": False})
-        res = await self.store.txn(
+        res = await self.batcher.txn(
             [Compare.mod_revision(self.keys.owner(pkg), held.owner_rev), *(compares or [])],
             [
                 Delete(self.keys.owner(pkg)),
@@ -736,7 +740,7 @@ class Agent:
         ops: list[Op] = [Put(self.keys.status(pkg), encode(status))]
         if event_from is not None:
             ops.append(self._event_op(pkg, event_from, status, why))
-        res = await self.store.txn(
+        res = await self.batcher.txn(
             [Compare.mod_revision(self.keys.owner(pkg), held.owner_rev)], ops
         )
         self._dirty.discard(pkg)
