@@ -56,7 +56,11 @@ p99 is the maximum) and the ratios keepalived ÷ vigil of p50 and p99 for the pa
 (keepalived, vigil), (keepalived, vigil-4s), (keepalived-3s, vigil), (keepalived,
 vigil-garp-async). For vigil, the survivor's agent log also gives **planned** (the
 controller ordered the start) and **service** (the agent started the HTTP service,
-after the address and its arping), both since the kill. Target: vigil's
+after the address and its arping), both since the kill; for keepalived, the client
+records the VRRP adverts it receives: **phase** (kill - the master's last advert) and
+**takeover** (the backup's first advert - kill). The bench process itself moves into
+the client host's network namespace (``setns``) once the lab is up: the prober, the
+etcd members and the ``vigil`` commands all run there. Target: vigil's
 p99 under keepalived's, both with defaults. The load average at the start and end is
 recorded (the machine may be shared). A table, then one JSON line, are printed; every
 sample goes to ``bench/results/keepalived_compare.json``; ``--plot`` (default
