@@ -547,6 +547,7 @@ def run(args: argparse.Namespace) -> int:
             ["keepalived", "--version"], capture_output=True, text=True, check=False
         ).stderr.split("\n")[0],
         "etcd_version": etcd_version(etcd_bin) if etcd_bin else None,
+        "vigil_commit": git_commit(),
         "trials_per_setup": args.trials,
         "setups": {},
     }
@@ -652,6 +653,20 @@ def run(args: argparse.Namespace) -> int:
         )
     )
     return 1 if failed else 0
+
+
+def git_commit() -> str | None:
+    """HEAD of the checkout the agents run from, ``+dirty`` if src/ has changes."""
+
+    def git(*argv: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(ROOT), *argv], capture_output=True, text=True, check=False
+        ).stdout.strip()
+
+    head = git("rev-parse", "--short", "HEAD")
+    if not head:
+        return None
+    return head + ("+dirty" if git("status", "--porcelain", "--", "src") else "")
 
 
 def ratios(setups: dict[str, Any]) -> list[dict[str, Any]]:
