@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint unit bench clean
+.PHONY: demo test lint unit bench clean lab lab-ci lab-cleanup
 
 $(STAMP): pyproject.toml
 	@sh scripts/ensure-python.sh $(PYTHON)
@@ -33,6 +33,28 @@ bench: $(STAMP)
 	$(BIN)/python bench/planner.py
 	$(BIN)/python bench/failover.py
 	$(BIN)/python bench/keepalived_compare.py
+
+# The fault lab (docs/reliability.md): as root. KNOWN lists product bugs the lab
+# found that are counted instead of failing the run until they are fixed; KNOWN=
+# runs strict. BROKEN=nofence runs a deliberately broken build (expected to fail).
+SEED   ?= 1
+STEPS  ?= 20
+HOSTS  ?= 4
+BROKEN ?=
+KNOWN  ?= stale-address,task-died
+lab: $(STAMP)
+	@sh scripts/ensure-system.sh
+	$(BIN)/python -m lab --seed $(SEED) --steps $(STEPS) --hosts $(HOSTS) \
+		$(if $(BROKEN),--broken $(BROKEN)) $(if $(KNOWN),--known $(KNOWN))
+
+# CI: a short seeded run, then the broken build must be caught.
+lab-ci: $(STAMP)
+	@sh scripts/ensure-system.sh
+	$(BIN)/python -m lab --seed 1 --steps 20 --known $(KNOWN)
+	$(BIN)/python -m lab --broken-check
+
+lab-cleanup: $(STAMP)
+	$(BIN)/python -m lab --cleanup
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -207,12 +207,18 @@ class Run:
         pkgs = view.get("packages", {})
         for pkg in self.lab.packages:
             p = pkgs.get(pkg.name, {})
-            if p.get("state") not in ("running", "halted", "failed"):
-                continue  # starting or halting: the address may be on its way
+            # Stale for sure: on a host where node switching is off (nothing starts it
+            # there until the enable below) and, while it runs, on any other host.
+            stale = set(p.get("disabled_nodes") or [])
+            if p.get("state") == "running":
+                stale |= {h.name for h in self.lab.hosts}
+            stale.discard(p.get("node"))
             for host in self.lab.live_hosts():
-                if host.name != p.get("node") and host.name in self.lab.holders(pkg.addr):
+                if host.name in stale and host.name in self.lab.holders(pkg.addr):
                     host.run(["ip", "addr", "del", f"{pkg.addr}/24", "dev", "eth0"], check=False)
                     self.result.operator["ip addr del (stale address)"] += 1
+                    counts = self.result.known_counts
+                    counts["stale-address"] = counts.get("stale-address", 0) + 1
 
     def check(self, n: int, what: str, problems: list[str], fault: Fault | None = None) -> None:
         if not problems:
