@@ -19,7 +19,7 @@ from pathlib import Path
 from lab.audit import KNOWN_ISSUES
 from lab.cluster import LabCluster
 from lab.net import cleanup_stale, list_netns
-from lab.run import Run, write_summary
+from lab.run import Run, broken_check, write_summary
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,6 +36,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--root", type=Path, default=None, help="keep everything here")
     parser.add_argument("--cleanup", action="store_true")
+    parser.add_argument(
+        "--broken-check",
+        action="store_true",
+        help="run the broken build (no self-fencing) one step; exit 0 if the lab caught it",
+    )
     args = parser.parse_args(argv)
     if args.cleanup:
         removed = cleanup_stale("vgl")
@@ -47,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("the lab needs root (network namespaces)", file=sys.stderr)
         return 2
+    if args.broken_check:
+        return _broken_check(args.root)
     root = args.root or Path(tempfile.mkdtemp(prefix=f"vigil-lab-{args.seed}-"))
     root.mkdir(parents=True, exist_ok=True)
     print(f"lab: seed {args.seed}, {args.steps} steps, {args.hosts} hosts, root {root}")
@@ -74,6 +81,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.root is None and not result.failure:
         shutil.rmtree(root, ignore_errors=True)
     return 0
+
+
+def _broken_check(root: Path | None) -> int:
+    root = root or Path(tempfile.mkdtemp(prefix="vigil-lab-broken-"))
+    print(f"lab: broken build (VIGIL_TEST_DISABLE_FENCING=1), root {root}")
+    result = broken_check(root, lambda line: print(f"{time.strftime('%H:%M:%S')} {line}"))
+    left = list_netns(f"vgl{os.getpid()}-")
+    if left:
+        print(f"lab: namespaces left behind: {left}")
+        return 1
+    print("lab: nothing left behind")
+    if "AUDIT FAILED: double run" in result.failure:
+        print(result.failure.split("--- last lines")[0])
+        print("lab: the broken build was caught (double run): as it must be")
+        return 0
+    print(f"lab: the broken build was NOT caught: {result.failure or 'every audit passed'}")
+    return 1
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from vigil.testing.witness import incarnations, overlaps, read_records
+from vigil.testing.witness import assert_no_overlap
 
 MARGIN_NS = 50_000_000  # 5 witness heartbeats
 View = dict[str, Any]
@@ -61,41 +61,12 @@ class WitnessWindow:
 
 
 def describe_overlaps(log: Path) -> list[str]:
-    found = overlaps(log, MARGIN_NS)
-    if not found:
-        return []
-    records = read_records(log)
-    out = []
-    for a, b in found[:5]:
-        out.append(
-            f"double run of {a.package}: {a.node} pid {a.pid} (log lines {a.first_line}.."
-            f"{a.last_line}) and {b.node} pid {b.pid} (lines {b.first_line}..{b.last_line})"
-            f" overlap {(min(a.last, b.last) - b.first) / 1e6:.1f} ms"
-        )
-        lo, hi = b.first - 200_000_000, min(a.last, b.last) + 200_000_000
-        shown: set[tuple[str, str, int]] = set()
-        for r in records:
-            key = (r.kind, r.node, r.pid)
-            if (
-                r.package == a.package
-                and lo <= r.t <= hi
-                and (r.kind != "alive" or key not in shown)
-            ):
-                out.append(
-                    f"    {log.name}:{r.line}: {r.kind} {r.node} {r.package} {r.t} pid {r.pid}"
-                )
-                shown.add(key)
-    return out
-
-
-def running_hosts(log: Path) -> dict[str, set[str]]:
-    """Per package, the hosts whose witness wrote the last records (for reports)."""
-    out: dict[str, set[str]] = {}
-    for pkg, incs in incarnations(log).items():
-        if incs:
-            last = max(i.last for i in incs)
-            out[pkg] = {i.node for i in incs if last - i.last < MARGIN_NS}
-    return out
+    """The witness checker's own report (overlaps and the log around them), if any."""
+    try:
+        assert_no_overlap(log, MARGIN_NS)
+    except AssertionError as exc:
+        return str(exc).splitlines()
+    return []
 
 
 def unavailable(view: View, eligible: set[str]) -> list[str]:

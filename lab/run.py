@@ -83,11 +83,12 @@ class Run:
         steps: int,
         log: Any = print,
         known: frozenset[str] = frozenset(),
+        faults: list[Fault] | None = None,
     ) -> None:
         self.lab = lab
         self.known = known
         self.seed = seed
-        self.steps = schedule(
+        self.steps = faults or schedule(
             seed,
             steps,
             lab.hosts,
@@ -97,7 +98,7 @@ class Run:
         )
         self.say = log
         self.witness = audit.WitnessWindow(lab.witness_log, lab.root / "audit-window.log")
-        self.result = Result(seed, steps, len(lab.hosts), lab.broken, sorted(known))
+        self.result = Result(seed, len(self.steps), len(lab.hosts), lab.broken, sorted(known))
         self.logs = audit.LogScan(
             [lab.logs / f"{h.name}.log" for h in lab.hosts], known, self.result.known_counts
         )
@@ -245,3 +246,12 @@ def write_summary(root: Path, result: Result) -> str:
     text = json.dumps(result.as_json(), indent=2)
     (root / "summary.json").write_text(text + "\n")
     return text
+
+
+def broken_check(root: Path, say: Any = print) -> Result:
+    """The lab must catch a double run: with self-fencing disabled (``nofence``), a
+    paused agent's package keeps running while another host starts it. One step on
+    three hosts; the returned result must have failed the double-run audit."""
+    with LabCluster(root, hosts=3, packages=1, broken="nofence") as lab:
+        pause = Fault("pause-agent", [lab.hosts[0].name], 4 * lab.node_timeout)
+        return Run(lab, 0, 1, say, faults=[pause]).run()

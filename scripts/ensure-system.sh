@@ -1,5 +1,6 @@
 #!/bin/sh
-# System packages the test suite uses: iproute2 (relocatable addresses), procps,
+# System packages the test suite and the fault lab use: iproute2 (relocatable
+# addresses, network namespaces), nftables, iputils-arping, procps,
 # util-linux (unshare, for nodes as PID namespaces) and Debian's etcd-server (real
 # etcd for the etcd store and failover tests). Installed when run as root on
 # Debian/Ubuntu; otherwise the tests that need a missing one are skipped with a reason.
@@ -8,6 +9,10 @@ need=""
 command -v ip >/dev/null 2>&1 || need="$need iproute2"
 command -v ps >/dev/null 2>&1 || need="$need procps"
 command -v unshare >/dev/null 2>&1 || need="$need util-linux"
+# the fault lab (lab/): nft for packet loss where the kernel has no netem, arping
+# for the gratuitous ARP vigil sends when it moves an address
+command -v nft >/dev/null 2>&1 || need="$need nftables"
+command -v arping >/dev/null 2>&1 || need="$need iputils-arping"
 if ! command -v etcd >/dev/null 2>&1 && [ ! -x /usr/bin/etcd ] && [ -z "${VIGIL_ETCD:-}" ]; then
     need="$need etcd-server"
 fi
