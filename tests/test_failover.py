@@ -39,6 +39,7 @@ from typing import Any
 import pytest
 
 from vigil.testing.cluster import LocalCluster, View
+from vigil.testing.etcd import store_backend
 from vigil.testing.witness import (
     Incarnation,
     assert_no_overlap,
@@ -88,14 +89,8 @@ def backend(
     why = _unshare_usable()
     if why is not None:
         pytest.skip(why)
-    if request.param == "sqlite":
-        yield Backend("sqlite", None)
-        return
-    from vigil.testing.etcd import EtcdCluster, require_etcd
-
-    binary = require_etcd()
-    with EtcdCluster(tmp_path_factory.mktemp("etcd"), members=3, binary=binary) as etcd:
-        yield Backend("etcd", etcd.url, etcd)
+    with store_backend(request.param, tmp_path_factory.mktemp) as (url, etcd):
+        yield Backend(request.param, url, etcd)
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ import pytest
 
 from vigil.testing import wait_until_sync
 from vigil.testing.cluster import LocalCluster, _bin
+from vigil.testing.etcd import store_backend
 
 pytestmark = pytest.mark.slow
 
@@ -33,14 +34,8 @@ def store_url(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[str | None]:
     """None: each cluster's own SQLite file; else a real 3-member etcd for the module."""
-    if request.param == "sqlite":
-        yield None
-        return
-    from vigil.testing.etcd import EtcdCluster, require_etcd
-
-    binary = require_etcd()
-    with EtcdCluster(tmp_path_factory.mktemp("etcd"), members=3, binary=binary) as etcd:
-        yield etcd.url
+    with store_backend(request.param, tmp_path_factory.mktemp) as (url, _):
+        yield url
 
 
 @pytest.fixture

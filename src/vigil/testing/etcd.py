@@ -31,6 +31,7 @@ import socket
 import subprocess
 import time
 import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -320,3 +321,18 @@ def require_etcd() -> str:
             pytest.fail(f"CI must run the etcd tests: {message}")
         pytest.skip(message)
     return binary
+
+
+@contextlib.contextmanager
+def store_backend(
+    kind: str, mktemp: Callable[[str], Path]
+) -> Iterator[tuple[str | None, EtcdCluster | None]]:
+    """A test module's store: ``(None, None)`` for "sqlite" (each LocalCluster its own
+    file), ``(url, cluster)`` of a real 3-member etcd for "etcd" (skipped without an
+    etcd binary, failed in CI; see :func:`require_etcd`). ``mktemp(name)`` makes a
+    fresh directory, e.g. pytest's ``tmp_path_factory.mktemp``."""
+    if kind == "sqlite":
+        yield None, None
+        return
+    with EtcdCluster(mktemp("etcd"), members=3, binary=require_etcd()) as etcd:
+        yield etcd.url, etcd
