@@ -2,8 +2,9 @@
 
 The fault lab (see docs/reliability.md). Needs root, iproute2, nftables,
 util-linux and etcd. Exit status: 0 all audits passed, 1 an audit failed,
-2 the lab could not be built. ``--cleanup`` removes what a crashed run left
-(namespaces ``vgl*`` and their processes) and exits.
+2 the lab could not be built. ``--cleanup`` removes what crashed runs left
+(namespaces ``vgl<PID>-*`` of labs no longer running, and their processes) and exits;
+every run does that first.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from lab.audit import KNOWN_ISSUES
 from lab.cluster import LabCluster
-from lab.net import cleanup_stale, list_netns
+from lab.net import cleanup_dead, list_netns
 from lab.run import Run, broken_check, write_summary
 
 
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if args.cleanup:
-        removed = cleanup_stale("vgl")
+        removed = cleanup_dead("vgl")
         print(f"removed {len(removed)} namespace(s): {' '.join(removed)}")
         return 0
     known = frozenset(k for k in args.known.split(",") if k)
@@ -54,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.broken_check:
         return _broken_check(args.root)
+    cleanup_dead("vgl")
     root = args.root or Path(tempfile.mkdtemp(prefix=f"vigil-lab-{args.seed}-"))
     root.mkdir(parents=True, exist_ok=True)
     print(f"lab: seed {args.seed}, {args.steps} steps, {args.hosts} hosts, root {root}")

@@ -42,7 +42,8 @@ inside the ``with`` in the main thread, which raises :class:`SystemExit`) kills 
 process in the lab's namespaces and deletes them; deleting a namespace deletes its
 links. Processes started through :meth:`Host.popen` get SIGKILL if the lab process
 itself is killed (``--pdeathsig``). :func:`cleanup_stale` removes what a crashed
-earlier run (``kill -9`` of the lab) left behind. Needs root and iproute2.
+earlier run (``kill -9`` of the lab) left behind; :func:`cleanup_dead` does that for
+every lab whose process is gone, leaving running labs alone. Needs root and iproute2.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ __all__ = [
     "Network",
     "NetworkError",
     "children",
+    "cleanup_dead",
     "cleanup_stale",
     "list_netns",
     "netns_pids",
@@ -140,6 +142,18 @@ def cleanup_stale(prefix: str = "vgl") -> list[str]:
             _kill_netns_processes(name)
         _ip("netns", "del", name, check=False)
         removed.append(name)
+    return removed
+
+
+def cleanup_dead(prefix: str = "vgl") -> list[str]:
+    """:func:`cleanup_stale` of every ``<prefix><pid>-*`` namespace whose ``pid`` is no
+    live process: what labs killed with SIGKILL left, never a running lab's."""
+    removed = []
+    owners = {name.split("-", 1)[0] for name in list_netns(prefix) if "-" in name}
+    for owner in sorted(owners):
+        pid = owner[len(prefix) :]
+        if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+            removed += cleanup_stale(owner + "-")
     return removed
 
 
