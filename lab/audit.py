@@ -138,9 +138,13 @@ def wrong_address(
     return out
 
 
-def damaged(view: View, packages: list[str], hosts: list[str]) -> list[str]:
-    """Every lab package configured, switching on, no node switching off, no flags or
-    locks left, every host known."""
+def damaged(
+    view: View, packages: list[str], hosts: list[str], flags: list[str], lock_queue: list[Any]
+) -> list[str]:
+    """Every lab package configured, switching on, no node switching off, every host
+    known with exactly the ``flags`` the lab set on it (a lost flag, a leftover lock
+    flag or ``!nofailover``...), and nobody holding or waiting for the admin lock
+    (``vigil lock list --json``)."""
     out = []
     pkgs = view.get("packages", {})
     for name in packages:
@@ -159,8 +163,10 @@ def damaged(view: View, packages: list[str], hosts: list[str]) -> list[str]:
     if sorted(nodes) != sorted(hosts):
         out.append(f"nodes {sorted(nodes)} != hosts {sorted(hosts)}")
     for name, rec in sorted(nodes.items()):
-        if rec.get("flags"):
-            out.append(f"node {name} has flags {rec['flags']}")
+        if "flags" in rec and rec["flags"] != flags:
+            out.append(f"node {name} has flags {rec['flags']}, not {flags}")
+    if lock_queue:
+        out.append(f"the admin lock is held or awaited: {lock_queue}")
     if view.get("cluster") != "lab":
         out.append(f"cluster name is {view.get('cluster')!r}")
     return out

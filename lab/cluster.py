@@ -42,6 +42,7 @@ CLIENT_PORT = 2379
 PEER_PORT = 2380
 SERVICE_PORT = 8000
 NODE_TIMEOUT = 3.0
+CANARY = "lab-canary"
 
 View = dict[str, Any]
 
@@ -127,6 +128,7 @@ class LabCluster:
         self.agents: dict[str, HostProcess] = {}
         self.etcd: dict[str, HostProcess] = {}
         self.down: set[str] = set()  # hosts killed and not restarted
+        self.flags: list[str] = []  # the flags the lab set on every node
         self._write_config()
 
     # -- configuration --------------------------------------------------------
@@ -337,6 +339,23 @@ class LabCluster:
             time.sleep(0.5)
         for h in self.hosts:
             self.start_agent(h)
+        for h in self.hosts:  # a flag on every node: the audits check none is lost
+            while self.on(h1, "flag", "create", "-d", h.name, "-f", CANARY).returncode != 0:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"vigil flag create -d {h.name} failed")
+                time.sleep(0.5)
+        self.flags = [CANARY]
+
+    def lock_queue(self, host: Host) -> list[Any]:
+        """``vigil lock list --json`` on ``host`` (["?"] if it fails: not intact)."""
+        proc = self.on(host, "lock", "list", "--json")
+        if proc.returncode == 2 and "No such command" in proc.stderr:
+            return []  # a vigil without admin locks
+        try:
+            queue: list[Any] = json.loads(proc.stdout)
+        except ValueError:
+            return [f"? {proc.stdout}{proc.stderr}"]
+        return queue
 
     def close(self) -> None:
         self.net.close()

@@ -171,10 +171,16 @@ class Run:
             "availability": audit.unavailable(view, eligible),
             "status agreement": disagree,
             "configuration": audit.damaged(
-                view, [p.name for p in lab.packages], [h.name for h in lab.hosts]
+                view,
+                [p.name for p in lab.packages],
+                [h.name for h in lab.hosts],
+                lab.flags,
+                lab.lock_queue(live[0]),
             ),
         }
         if not any(out.values()):
+            if "stale-address" in self.known:  # settled: nothing is moving now
+                self.remove_stale_addresses(lab.status(live[0]) or {}, running=True)
             addrs = {p.name: f"http://{p.addr}:8000/" for p in lab.packages}
             answers = {h.name: lab.probe(h, list(addrs.values())) for h in live}
             holders = {p.name: lab.holders(p.addr) for p in lab.packages}
@@ -192,7 +198,7 @@ class Run:
         not run it (the workaround for that bug, counted)."""
         via = self.lab.live_hosts()[0]
         if "stale-address" in self.known:
-            self.remove_stale_addresses(view)
+            self.remove_stale_addresses(view, running=False)
         for name, p in sorted(view.get("packages", {}).items()):
             if p.get("state") in ("failed", "halt_failed"):
                 self.lab.on(via, "package", "clear", name)
@@ -204,14 +210,15 @@ class Run:
                 self.lab.on(via, "package", "enable", name)
                 self.result.operator["enable"] += 1
 
-    def remove_stale_addresses(self, view: View) -> None:
+    def remove_stale_addresses(self, view: View, *, running: bool) -> None:
+        """Stale for sure: a package's address on a host where its node switching is
+        off (nothing starts it there until it is enabled again) and, once everything
+        runs and every host agrees (``running``), on any host but the one running it."""
         pkgs = view.get("packages", {})
         for pkg in self.lab.packages:
             p = pkgs.get(pkg.name, {})
-            # Stale for sure: on a host where node switching is off (nothing starts it
-            # there until the enable below) and, while it runs, on any other host.
             stale = set(p.get("disabled_nodes") or [])
-            if p.get("state") == "running":
+            if running and p.get("state") == "running":
                 stale |= {h.name for h in self.lab.hosts}
             stale.discard(p.get("node"))
             for host in self.lab.live_hosts():
