@@ -9,6 +9,7 @@ steps done before it, in reverse (``stop`` is idempotent, so the failed step's o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import os
@@ -130,13 +131,20 @@ async def _ip(*args: str) -> tuple[int, str]:
     return proc.returncode or 0, err.decode(errors="replace").strip()
 
 
+GARP_COUNT = 3  # gratuitous ARPs, one a second (keepalived sends 5 at once, 5 more later)
+
+
 class AddressStep:
-    """A relocatable address: added on start, removed on halt, gratuitous ARP where possible."""
+    """A relocatable address: added on start, removed on halt. Gratuitous ARP (where
+    ``arping`` is installed) goes out in the background, so the next step (the
+    service) starts at once instead of waiting for arping's one-second interval."""
 
     def __init__(self, ctx: Context, addr: AddressSpec) -> None:
         self.ctx = ctx
         self.addr = addr
         self.label = f"address {addr.ip} on {addr.interface}"
+        self._garp: asyncio.subprocess.Process | None = None
+        self._reaper: asyncio.Task[int] | None = None
 
     async def up(self) -> StepResult:
         rc, err = await _ip("addr", "add", self.addr.ip, "dev", self.addr.interface)
@@ -145,14 +153,20 @@ class AddressStep:
         arping = shutil.which("arping")
         if arping and ":" not in self.addr.ip:
             ip = self.addr.ip.split("/")[0]
-            proc = await asyncio.create_subprocess_exec(
-                arping, "-U", "-c", "1", "-I", self.addr.interface, ip,
+            self._garp = await asyncio.create_subprocess_exec(
+                arping, "-U", "-c", str(GARP_COUNT), "-I", self.addr.interface, ip,
                 stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
             )  # fmt: skip
-            await proc.wait()
+            self._reaper = asyncio.create_task(self._garp.wait())  # reaps it when it ends
         return StepResult(Outcome.OK)
 
     async def down(self) -> bool:
+        if self._garp is not None and self._garp.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self._garp.kill()  # the address leaves: no more announcements for it
+        if self._reaper is not None:
+            await self._reaper
+        self._garp = self._reaper = None
         rc, err = await _ip("addr", "del", self.addr.ip, "dev", self.addr.interface)
         if rc != 0 and "Cannot assign" not in err and "not found" not in err.lower():
             log.error("package %s: %s: %s", self.ctx.spec.name, self.label, err)
