@@ -59,6 +59,8 @@ from dataclasses import dataclass, field
 from types import FrameType, TracebackType
 from typing import Any
 
+from vigil.testing.cluster import _children as children
+
 __all__ = [
     "Host",
     "HostProcess",
@@ -198,16 +200,6 @@ class HostProcess:
             with contextlib.suppress(ProcessLookupError):
                 self.popen.kill()
         self.popen.wait(timeout=timeout)
-
-
-def children(pid: int) -> list[int]:
-    """Host PIDs of the live children of ``pid``."""
-    out: list[int] = []
-    with contextlib.suppress(OSError):
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{tid}/children") as f:
-                out.extend(int(x) for x in f.read().split())
-    return out
 
 
 @dataclass
