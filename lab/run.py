@@ -84,9 +84,11 @@ class Run:
         log: Any = print,
         known: frozenset[str] = frozenset(),
         faults: list[Fault] | None = None,
+        reproduce: str = "",
     ) -> None:
         self.lab = lab
         self.known = known
+        self.reproduce = reproduce
         self.seed = seed
         self.steps = faults or schedule(
             seed,
@@ -235,9 +237,13 @@ class Run:
             f"AUDIT FAILED: {what}",
             f"seed {self.seed}, step {n}/{len(self.steps)}"
             + (f" ({fault.describe()})" if fault else " (before the first fault)"),
-            f"reproduce: make lab SEED={self.seed} STEPS={n} HOSTS={len(self.lab.hosts)}"
-            + (f" BROKEN={self.lab.broken}" if self.lab.broken else "")
-            + (f" KNOWN={','.join(sorted(self.known))}" if self.known else ""),
+            "reproduce: "
+            + (
+                self.reproduce
+                or f"make lab SEED={self.seed} STEPS={n} HOSTS={len(self.lab.hosts)}"
+                + (f" BROKEN={self.lab.broken}" if self.lab.broken else "")
+                + (f" KNOWN={','.join(sorted(self.known))}" if self.known else "")
+            ),
             *problems[:60],
             f"witness log: {self.lab.witness_log}",
         ]
@@ -261,4 +267,5 @@ def broken_check(root: Path, say: Any = print) -> Result:
     three hosts; the returned result must have failed the double-run audit."""
     with LabCluster(root, hosts=3, packages=1, broken="nofence") as lab:
         pause = Fault("pause-agent", [lab.hosts[0].name], 4 * lab.node_timeout)
-        return Run(lab, 0, 1, say, faults=[pause]).run()
+        reproduce = "python -m lab --broken-check"
+        return Run(lab, 0, 1, say, faults=[pause], reproduce=reproduce).run()
