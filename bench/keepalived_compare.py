@@ -24,11 +24,7 @@ host is the *client*: it runs the prober and the 3-member etcd the vigil setups 
 * ``vigil-4s``: the same with ``node_timeout = "4s"``, to match keepalived's 3.61 s
   detection: etcd leases are whole seconds, so 3.61 s would be a 4 s lease anyway;
 * ``keepalived-3s``: keepalived tuned to vigil's detection time: ``version 3``,
-  ``advert_int 0.83`` (master-down 3 x 0.83 + 156 x 0.83 / 256 = 2.996 s);
-* ``vigil-garp-async`` (an experiment): ``vigil`` with an ``arping`` first on the
-  agents' PATH that sends the gratuitous ARP in the background and returns at once.
-  vigil's address step waits for ``arping -U -c 1``, which takes 1 s, before the
-  package's services start: this setup shows the failover without that wait.
+  ``advert_int 0.83`` (master-down 3 x 0.83 + 156 x 0.83 / 256 = 2.996 s).
 
 The HTTP server is the same tiny program everywhere (``python -S``, standard
 library socket only); it answers every request with its host's name.
@@ -44,28 +40,27 @@ kernel no longer answers ARP or TCP for the IP either. The client then connects 
 IP:8080 every 10 ms (TCP connect timeout 20 ms) until an answer comes from the other
 host: **failover = that answer - t0**. The client's ARP entry for the IP still names
 X's MAC: it learns the new one from the new holder's gratuitous ARP (keepalived's own,
-vigil's ``arping -U``), exactly as a client on the same LAN would. Then X "reboots":
-its leftover IP and neighbour cache are flushed, its port put back, its processes
-started again. keepalived's A preempts (the IP moves back to A before the next trial);
-vigil's package stays where it is (``failback_policy = "manual"``), so the next vigil
-trial kills the other host: each vigil trial kills the host that runs the package and,
-in practice, the controller too (the worst case).
+vigil's ``arping -U -c 3``, sent in the background), exactly as a client on the same
+LAN would. Then X "reboots": its leftover IP and neighbour cache are flushed, its port
+put back, its processes started again. keepalived's A preempts (the IP moves back to A
+before the next trial); vigil's package stays where it is (``failback_policy =
+"manual"``), so the next vigil trial kills the other host: each vigil trial kills the
+host that runs the package and, in practice, the controller too (the worst case).
 
 Figures per setup: p50 / p95 / p99 / max / mean / min (nearest rank; with 20 trials,
 p99 is the maximum) and the ratios keepalived ÷ vigil of p50 and p99 for the pairs
-(keepalived, vigil), (keepalived, vigil-4s), (keepalived-3s, vigil), (keepalived,
-vigil-garp-async). For vigil, the survivor's agent log also gives **planned** (the
-controller ordered the start) and **service** (the agent started the HTTP service,
-after the address and its arping), both since the kill; for keepalived, the client
-records the VRRP adverts it receives: **phase** (kill - the master's last advert) and
-**takeover** (the backup's first advert - kill). The bench process itself moves into
-the client host's network namespace (``setns``) once the lab is up: the prober, the
-etcd members and the ``vigil`` commands all run there. Target: vigil's
-p99 under keepalived's, both with defaults. The load average at the start and end is
-recorded (the machine may be shared). A table, then one JSON line, are printed; every
-sample goes to ``bench/results/keepalived_compare.json``; ``--plot`` (default
-``docs/img/failover-keepalived.png``) draws the distributions when matplotlib is
-installed (the ``dev`` extra). Needs root, iproute2, keepalived (``apt-get install
+(keepalived, vigil), (keepalived, vigil-4s), (keepalived-3s, vigil). For vigil, the
+survivor's agent log also gives **planned** (the controller ordered the start) and
+**service** (the agent started the HTTP service, after the address), both since the
+kill; for keepalived, the client records the VRRP adverts it receives: **phase**
+(kill - the master's last advert) and **takeover** (the backup's first advert - kill).
+The bench process itself moves into the client host's network namespace (``setns``)
+once the lab is up: the prober, the etcd members and the ``vigil`` commands all run
+there. Target: vigil's p99 under keepalived's, both with defaults. The load average at
+the start and end is recorded (the machine may be shared). A table, then one JSON line,
+are printed; every sample goes to ``bench/results/keepalived_compare.json``; ``--plot``
+(default ``docs/img/failover-keepalived.png``) draws the distributions when matplotlib
+is installed (the ``dev`` extra). Needs root, iproute2, keepalived (``apt-get install
 keepalived``), arping (``iputils-arping``) and an etcd binary.
 """
 
@@ -109,7 +104,6 @@ class Setup:
     detection_s: float  # keepalived master-down interval or vigil node_timeout
     node_timeout: str = ""  # vigil
     keepalived_extra: str = ""  # lines in the vrrp_instance
-    garp_async: bool = False  # vigil: arping on the agents' PATH returns at once
 
 
 SETUPS = {
@@ -124,7 +118,6 @@ SETUPS = {
             3 * 0.83 + 156 * 0.83 / 256,
             keepalived_extra="    version 3\n    advert_int 0.83\n",
         ),
-        Setup("vigil-garp-async", "vigil", 3.0, node_timeout="3s", garp_async=True),
     )
 }
 # (keepalived-like, vigil-like) pairs whose ratios are reported
@@ -132,7 +125,6 @@ PAIRS = [
     ("keepalived", "vigil"),
     ("keepalived", "vigil-4s"),
     ("keepalived-3s", "vigil"),
-    ("keepalived", "vigil-garp-async"),
 ]
 
 HTTPD = """\
@@ -178,14 +170,6 @@ for a in "$@"; do
     prev=$orig
 done
 exec {etcd} "$@"
-"""
-
-# vigil-garp-async: the agent's ``arping -U -c 1`` returns at once (the real one sends
-# its gratuitous ARP in the background), instead of after arping's 1 s wait.
-ARPING_ASYNC = """\
-#!/bin/sh
-{arping} "$@" >/dev/null 2>&1 &
-exit 0
 """
 
 KEEPALIVED_CONF = """\
@@ -367,14 +351,6 @@ def lab_cluster(pair: Pair, store: str) -> Any:
     from vigil.testing.cluster import LocalCluster
 
     hosts: dict[str, Host] = {pair.a.name: pair.a, pair.b.name: pair.b}
-    garp_dir = ""
-    if pair.setup.garp_async:
-        garp_dir = str(pair.work / "bin")
-        os.mkdir(garp_dir)
-        real = shutil.which("arping") or "/usr/bin/arping"
-        wrapper = Path(garp_dir) / "arping"
-        wrapper.write_text(ARPING_ASYNC.format(arping=real))
-        wrapper.chmod(0o755)
 
     class LabCluster(LocalCluster):
         """LocalCluster whose agents run in the lab's hosts (network + PID namespace)."""
@@ -383,8 +359,7 @@ def lab_cluster(pair: Pair, store: str) -> Any:
             log = (self.logs / f"{node}.log").open("ab")
             argv = [str(Path(sys.executable).with_name("vigild")), "--node", node,
                     "--config", str(self.config), "--log-level", "info"]  # fmt: skip
-            env = self.env(PATH=f"{garp_dir}:{os.environ['PATH']}") if garp_dir else self.env()
-            proc = hosts[node].popen(argv, pidns=True, stdout=log, stderr=log, env=env)
+            proc = hosts[node].popen(argv, pidns=True, stdout=log, stderr=log, env=self.env())
             log.close()
             self.agents[node] = proc.popen
             self._init.pop(node, None)
@@ -498,7 +473,7 @@ def trial(
 def agent_times(log: str, wall0: float) -> dict[str, float | None]:
     """From the survivor's agent log (wall clock, ms resolution), after the kill at
     ``wall0``: when the controller ordered the start (``planned_ms``) and when the
-    agent started the service (``service_ms``, after the address and its arping)."""
+    agent started the service (``service_ms``, after the address)."""
     out: dict[str, float | None] = {"planned_ms": None, "service_ms": None}
     for line in log.splitlines():
         key = (
