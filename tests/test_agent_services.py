@@ -9,6 +9,7 @@ import time
 import pytest
 
 from vigil.supervise.procfs import iter_stats, pid_alive
+from vigil.testing import wait_until_sync
 from vigil.testing.cluster import LocalCluster
 
 pytestmark = pytest.mark.slow
@@ -178,6 +179,43 @@ def test_relocatable_address_added_on_start_removed_on_halt(cluster: LocalCluste
         assert on_lo()
         cluster.vigil("package", "halt", "web", "--wait")
         assert not on_lo()
+    finally:
+        subprocess.run(["ip", "addr", "del", f"{ip}/32", "dev", "lo"], capture_output=True)
+
+
+def _addr_on_lo(ip: str) -> bool:
+    import subprocess
+
+    out = subprocess.run(["ip", "-o", "addr", "show", "dev", "lo"], capture_output=True,
+                         text=True, check=True).stdout  # fmt: skip
+    return f"inet {ip}/32" in out
+
+
+def test_address_removed_when_the_agent_dies_or_stalls(cluster: LocalCluster) -> None:
+    """A node that loses its packages (agent SIGKILLed: the sentinel sees the pipe
+    close; agent SIGSTOPped past its lease deadline: the sentinel fences) must not
+    keep answering for their address, which another node may hold by then."""
+    import subprocess
+
+    ip = "127.77.0.10"
+    web(cluster, 'command = ["sleep", "1000"]\n',
+        extra=f'[[address]]\nip = "{ip}/32"\ninterface = "lo"\n')  # fmt: skip
+    cluster.apply()
+    cluster.start_agents()
+    try:
+        cluster.wait_state("web", "running")
+        assert _addr_on_lo(ip)
+        cluster.kill_agent("node1")  # SIGKILL
+        wait_until_sync(lambda: not _addr_on_lo(ip), timeout=10, what="address removed")
+        cluster.start_agent("node1")  # the package starts again: the address is back
+        wait_until_sync(lambda: _addr_on_lo(ip), timeout=30, what="address back")
+        cluster.wait_state("web", "running", timeout=30)
+        cluster.pause_agent("node1")  # SIGSTOP past 0.8 x node_timeout: the sentinel fences
+        try:
+            wait_until_sync(lambda: not _addr_on_lo(ip), timeout=15, what="address fenced")
+        finally:
+            cluster.resume_agent("node1")
+        wait_until_sync(lambda: _addr_on_lo(ip), timeout=30, what="address back after the fence")
     finally:
         subprocess.run(["ip", "addr", "del", f"{ip}/32", "dev", "lo"], capture_output=True)
 

@@ -18,6 +18,7 @@ from vigil.supervise.sentinel import (
     ProcessRegistry,
     RecordedGroup,
     cleanup_leftovers,
+    parse_address,
     parse_line,
     read_state,
     write_state,
@@ -193,3 +194,35 @@ def test_parse_line() -> None:
     for line in ["+10 555", "+11", "+12 0", "garbage", "+x", "-", "-11", "-99", ""]:
         parse_line(line, groups)
     assert groups == {10: 555, 12: None}
+
+
+def test_parse_address() -> None:
+    addresses: set[tuple[str, str]] = set()
+    for line in [
+        "A+10.0.0.5/24 eth0",
+        "A+10.0.0.6/24 eth0",
+        "A+bad",
+        "A?x y",
+        "A-10.0.0.5/24 eth0",
+    ]:
+        parse_address(line, addresses)
+    assert addresses == {("10.0.0.6/24", "eth0")}
+
+
+def test_cleanup_leftovers_removes_recorded_addresses(tmp_path: Path) -> None:
+    """A crashed agent's relocatable address is removed by the next agent at start."""
+    ip = "127.77.0.11/32"
+    subprocess.run(["ip", "addr", "add", ip, "dev", "lo"], capture_output=True, check=True)
+    try:
+        state = tmp_path / "processes.json"
+        write_state(state, [], [(ip, "lo")])
+        data = json.loads(state.read_text())
+        data["agent_pid"] = 2**22 + 1  # an agent that is gone
+        state.write_text(json.dumps(data))
+        assert read_state(state).addresses == ((ip, "lo"),)  # type: ignore[union-attr]
+        cleanup_leftovers(state)
+        out = subprocess.run(["ip", "-o", "addr", "show", "dev", "lo"], capture_output=True,
+                             text=True, check=True).stdout  # fmt: skip
+        assert f"inet {ip}" not in out
+    finally:
+        subprocess.run(["ip", "addr", "del", ip, "dev", "lo"], capture_output=True)

@@ -37,7 +37,7 @@ from vigil.agent.decide import (
 )
 from vigil.agent.duties import default_duties, duty_loop, run_on_join
 from vigil.agent.hooks import HookRunner
-from vigil.agent.package import Context, Outcome, PackageRunner
+from vigil.agent.package import AddressStep, Context, Outcome, PackageRunner
 from vigil.config import ClusterSpec, PackageSpec
 from vigil.errors import Compacted, LeaseNotFound, StoreError, UsageError
 from vigil.keys import Keys
@@ -357,6 +357,8 @@ class Agent:
         self._claim_tasks.clear()
         if self.registry is not None and not TEST_DISABLE_FENCING:
             self.registry.kill_all()
+            for addr in self.registry.drop_addresses():
+                log.warning("fencing: removed address %s", addr)
         for h in self.held.values():
             self._abandon(h)
         self.held.clear()
@@ -372,6 +374,10 @@ class Agent:
         restart it here, once this node rejoined, while another node runs the package."""
         if h.busy is not None:
             h.busy.cancel()
+        if not TEST_DISABLE_FENCING:
+            for step in h.runner.steps:
+                if isinstance(step, AddressStep):
+                    step.abandon()
         for step in h.runner.services:
             self._in_background(step.supervisor.stop())
         for monitor in h.runner.monitors.values():
@@ -434,7 +440,15 @@ class Agent:
             await self._trigger.wait()
             self._trigger.clear()
             started = loop.time()
-            await self.reconcile()
+            try:
+                await self.reconcile()
+            except StoreError as exc:
+                # The keepalive decides about fencing; reconciling just tries again
+                # once the store answers (another endpoint, etcd back in quorum).
+                log.warning("reconcile: %s; trying again", exc)
+                await asyncio.sleep(self.cluster.node_timeout / 6)
+                self._trigger.set()
+                continue
             # Pace reconciles under a burst of changes: each one reads and plans the
             # whole cluster, so leave the loop at least as much time for everything else
             # (starting processes, renewing the lease) as the reconcile took.
@@ -782,7 +796,14 @@ class Agent:
         while True:
             await self._dirty_event.wait()
             self._dirty_event.clear()
-            await self._flush_dirty()
+            pending = set(self._dirty)
+            try:
+                await self._flush_dirty()
+            except StoreError as exc:  # written again once the store answers
+                log.warning("status flush: %s; trying again", exc)
+                self._dirty |= {p for p in pending if p in self.held}
+                self._dirty_event.set()
+                await asyncio.sleep(self.cluster.node_timeout / 6)
             await asyncio.sleep(STATUS_FLUSH_INTERVAL)  # rate limit: crash loops are cheap
 
     async def _flush_dirty(self) -> None:

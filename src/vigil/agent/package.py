@@ -23,7 +23,7 @@ from vigil.config import AddressSpec, ClusterSpec, PackageSpec, ScriptRef, Servi
 from vigil.model import HaltReason, MonitorStatus, ServiceStatus, StartReason
 from vigil.scripts.runner import run_script
 from vigil.supervise.monitor import MonitorRunner, MonitorVerdict
-from vigil.supervise.sentinel import ProcessRegistry
+from vigil.supervise.sentinel import ProcessRegistry, del_addresses
 from vigil.supervise.service import ServiceSupervisor
 
 log = logging.getLogger("vigil.package")
@@ -134,6 +134,12 @@ async def _ip(*args: str) -> tuple[int, str]:
 GARP_COUNT = 3  # gratuitous ARPs, one a second (keepalived sends 5 at once, 5 more later)
 
 
+def _already_there(err: str) -> bool:
+    """``ip addr add`` failed because the address is already on the interface (EEXIST:
+    "File exists" from older kernels, "Address already assigned" from newer ones)."""
+    return "File exists" in err or "already assigned" in err
+
+
 class AddressStep:
     """A relocatable address: added on start, removed on halt. Gratuitous ARP (where
     ``arping`` is installed) goes out in the background, so the next step (the
@@ -148,8 +154,10 @@ class AddressStep:
 
     async def up(self) -> StepResult:
         rc, err = await _ip("addr", "add", self.addr.ip, "dev", self.addr.interface)
-        if rc != 0 and "File exists" not in err:
+        if rc != 0 and not _already_there(err):
             return StepResult(Outcome.FAILOVER, f"{self.label}: {err or f'ip exited {rc}'}")
+        # from now on, whoever kills this node's processes also removes the address
+        self.ctx.registry.add_address(self.addr.ip, self.addr.interface)
         arping = shutil.which("arping")
         if arping and ":" not in self.addr.ip:
             ip = self.addr.ip.split("/")[0]
@@ -171,7 +179,15 @@ class AddressStep:
         if rc != 0 and "Cannot assign" not in err and "not found" not in err.lower():
             log.error("package %s: %s: %s", self.ctx.spec.name, self.label, err)
             return False
+        self.ctx.registry.remove_address(self.addr.ip, self.addr.interface)
         return True
+
+    def abandon(self) -> None:
+        """This node no longer holds the package (owner key lost): the address goes
+        now, like its processes, without waiting for a halt."""
+        if (self.addr.ip, self.addr.interface) in self.ctx.registry.addresses():
+            del_addresses([(self.addr.ip, self.addr.interface)])
+            self.ctx.registry.remove_address(self.addr.ip, self.addr.interface)
 
 
 class ServiceStep:

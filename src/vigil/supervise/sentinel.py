@@ -12,6 +12,11 @@ Three layers, from fastest to last resort:
    kills whatever is left of them (found by scanning ``/proc/*/stat`` for the group,
    so grandchildren whose leader is gone are found too).
 
+Relocatable addresses go the same way: ``A+IP IFACE`` / ``A-IP IFACE`` lines and
+the state file's ``addresses``; whoever kills the processes also removes them
+(``ip addr del``), so a fenced or dead agent's node does not keep answering for an
+address that another node now holds.
+
 The state file is not fsync'ed on purpose: processes do not survive a reboot, so it
 only has to survive the agent, and the page cache does that.
 
@@ -30,7 +35,9 @@ import json
 import logging
 import os
 import select
+import shutil
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -67,16 +74,23 @@ class ProcessState:
     agent_pid: int | None
     agent_start: int | None
     groups: tuple[RecordedGroup, ...]
+    addresses: tuple[tuple[str, str], ...] = ()  # (ip/prefix, interface)
 
 
-def write_state(state_file: Path, groups: Iterable[RecordedGroup]) -> None:
-    """Replace ``state_file`` atomically (tmp + rename) with this agent's groups."""
+def write_state(
+    state_file: Path,
+    groups: Iterable[RecordedGroup],
+    addresses: Iterable[tuple[str, str]] = (),
+) -> None:
+    """Replace ``state_file`` atomically (tmp + rename) with this agent's groups and
+    relocatable addresses."""
     me = os.getpid()
     data = {
         "version": STATE_VERSION,
         "agent_pid": me,
         "agent_start": procfs.start_time(me),
         "groups": [{"pgid": g.pgid, "start": g.start, "command": g.command} for g in groups],
+        "addresses": [list(a) for a in sorted(addresses)],
     }
     tmp = state_file.with_name(f".{state_file.name}.{me}.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
@@ -101,10 +115,12 @@ def read_state(state_file: Path) -> ProcessState | None:
         )
         agent_pid = raw.get("agent_pid")
         agent_start = raw.get("agent_start")
+        addresses = tuple((str(ip), str(dev)) for ip, dev in raw.get("addresses", []))
         return ProcessState(
             agent_pid=None if agent_pid is None else int(agent_pid),
             agent_start=None if agent_start is None else int(agent_start),
             groups=groups,
+            addresses=addresses,
         )
     except FileNotFoundError:
         return None
@@ -138,6 +154,23 @@ def kill_groups(groups: Iterable[RecordedGroup]) -> list[int]:
     return killed
 
 
+def del_addresses(addresses: Iterable[tuple[str, str]]) -> list[str]:
+    """``ip addr del`` each (ip, interface); the ones that were there and are gone now."""
+    exe = shutil.which("ip") or "/sbin/ip"
+    removed = []
+    for ip, dev in sorted(set(addresses)):
+        try:
+            res = subprocess.run(
+                [exe, "addr", "del", ip, "dev", dev], capture_output=True, timeout=5, check=False
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            log.error("cannot remove address %s from %s: %s", ip, dev, exc)
+            continue
+        if res.returncode == 0:
+            removed.append(f"{ip} on {dev}")
+    return removed
+
+
 def cleanup_leftovers(state_file: Path) -> list[int]:
     """Kill what a previous agent left behind (per ``state_file``); return the pgids.
 
@@ -163,6 +196,8 @@ def cleanup_leftovers(state_file: Path) -> list[int]:
     killed = kill_groups(state.groups)
     for pgid in killed:
         log.warning("killed leftover process group %d of a previous agent", pgid)
+    for addr in del_addresses(state.addresses):
+        log.warning("removed leftover address %s of a previous agent", addr)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(state_file)
     return killed
@@ -256,6 +291,7 @@ class ProcessRegistry:
         self.state_file = state_file
         self.sentinel = sentinel
         self._entries: dict[int, _Entry] = {}
+        self._addresses: set[tuple[str, str]] = set()
         self._reaping: set[Child] = set()
         self._sentinel_restarts = 0
         self._sentinel_log: str | Path | None = None
@@ -299,6 +335,31 @@ class ProcessRegistry:
         del self._entries[child.pgid]
         self._state_changed()
         self._send(f"-{child.pgid}")
+
+    def add_address(self, ip: str, dev: str) -> None:
+        """Record a relocatable address this node has up: removed with the processes
+        when the node fences or the agent dies."""
+        self._addresses.add((ip, dev))
+        self._state_changed()
+        self._send(f"A+{ip} {dev}")
+
+    def remove_address(self, ip: str, dev: str) -> None:
+        if (ip, dev) in self._addresses:
+            self._addresses.discard((ip, dev))
+            self._state_changed()
+            self._send(f"A-{ip} {dev}")
+
+    def addresses(self) -> set[tuple[str, str]]:
+        return set(self._addresses)
+
+    def drop_addresses(self) -> list[str]:
+        """Remove every recorded address from its interface now (fencing)."""
+        removed = del_addresses(self._addresses)
+        for ip, dev in self._addresses:
+            self._send(f"A-{ip} {dev}")
+        self._addresses.clear()
+        self._write_state()
+        return removed
 
     def arm(self, deadline: float | None) -> None:
         """Tell the sentinel the CLOCK_MONOTONIC time by which the next lease renewal
@@ -375,7 +436,7 @@ class ProcessRegistry:
             for pgid, e in sorted(self._entries.items())
         ]
         try:
-            write_state(self.state_file, groups)
+            write_state(self.state_file, groups, self._addresses)
         except OSError as exc:
             log.error("cannot write %s: %s", self.state_file, exc)
 
@@ -399,6 +460,8 @@ class ProcessRegistry:
             sentinel = Sentinel.start(self.state_file, log_path=self._sentinel_log)
             for pgid, e in self._entries.items():
                 sentinel.send(f"+{pgid} {e.start if e.start is not None else 0}")
+            for ip, dev in self._addresses:
+                sentinel.send(f"A+{ip} {dev}")
             if self.deadline is not None:
                 sentinel.send(f"D {self.deadline:.3f}")
         except (SpawnError, OSError) as exc:
@@ -442,6 +505,7 @@ def main(argv: list[str]) -> int:
     # already be dead, and getppid() would name whoever adopted us.
     agent = int(argv[1]) if len(argv) > 1 else os.getppid()
     groups: dict[int, int | None] = {}
+    addresses: set[tuple[str, str]] = set()
     fd = sys.stdin.fileno()
     buf = b""
     deadline: float | None = None
@@ -452,11 +516,15 @@ def main(argv: list[str]) -> int:
             # The agent did not renew its lease in time (stopped, hung, cut off from the
             # store): its lease may expire elsewhere soon, so its packages die now.
             fenced = kill_groups(_recorded(groups))
+            removed = del_addresses(addresses)
             groups.clear()
+            addresses.clear()
             deadline = None
             print(
                 f"vigil sentinel: agent {agent} missed its lease deadline; fenced process "
-                "groups " + " ".join(map(str, sorted(fenced))),
+                "groups "
+                + " ".join(map(str, sorted(fenced)))
+                + (f"; removed addresses {', '.join(removed)}" if removed else ""),
                 file=sys.stderr,
                 flush=True,
             )
@@ -470,24 +538,40 @@ def main(argv: list[str]) -> int:
             line = raw.decode("ascii", "replace").strip()
             if line.startswith("D"):
                 deadline = parse_deadline(line)
+            elif line.startswith("A"):
+                parse_address(line, addresses)
             else:
                 parse_line(line, groups)
     # EOF: the agent has closed the pipe, exited or died.
     killed = kill_groups(_recorded(groups))
+    removed = del_addresses(addresses)
     if state_file is not None:
         state = read_state(state_file)
         if state is not None and state.agent_pid == agent:
             killed += [p for p in kill_groups(state.groups) if p not in killed]
+            removed += [a for a in del_addresses(state.addresses) if a not in removed]
             with contextlib.suppress(OSError):
                 os.unlink(state_file)
-    if killed:
+    if killed or removed:
         print(
             f"vigil sentinel: agent {agent} is gone; killed process groups "
-            + " ".join(map(str, sorted(killed))),
+            + " ".join(map(str, sorted(killed)))
+            + (f"; removed addresses {', '.join(removed)}" if removed else ""),
             file=sys.stderr,
             flush=True,
         )
     return 0
+
+
+def parse_address(line: str, addresses: set[tuple[str, str]]) -> None:
+    """Apply one ``A+IP IFACE`` / ``A-IP IFACE`` line (bad lines are ignored)."""
+    parts = line[2:].split()
+    if len(line) < 3 or line[1] not in "+-" or len(parts) != 2:
+        return
+    if line[1] == "+":
+        addresses.add((parts[0], parts[1]))
+    else:
+        addresses.discard((parts[0], parts[1]))
 
 
 def parse_deadline(line: str) -> float | None:
