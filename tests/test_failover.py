@@ -586,6 +586,14 @@ def test_etcd_restart_under_a_running_cluster(c: LocalCluster, log: Path, backen
         holds(c, lambda v: on(v, "web") == "n1", 1.0, "web stays on n1")
         assert Path(f"/proc/{witness}").exists()
 
+        # the member every agent talks to first killed (SIGKILL): they move on to the
+        # next member within the fencing bound; nobody fences, nothing moves
+        etcd.kill_member(0)
+        holds(c, lambda v: on(v, "web") == "n1", 2 * NODE_TIMEOUT, "web stays on n1")
+        assert Path(f"/proc/{witness}").exists()
+        etcd.start_member(0)
+        assert "FENCING" not in c.agent_log("n1")
+
         # every member stopped for longer than node_timeout: every node fences itself
         for i in range(etcd.members):
             etcd.stop_member(i)

@@ -43,7 +43,10 @@ def setup_logging(node: str, level: str) -> None:
 async def run_agent(config_dir: Path, node: str, state_dir: Path | None) -> int:
     cluster = load_cluster(config_dir)
     store = open_store(cluster.store)
-    lease_store = open_store(cluster.store)
+    # Renewals must reach a live member well within the fencing bound: a member that
+    # died without closing its connections (host lost, partition) is given up on
+    # after one renewal interval and the next member is tried.
+    lease_store = open_store(cluster.store, timeout=max(0.25, cluster.node_timeout / 6))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

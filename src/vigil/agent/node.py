@@ -117,7 +117,9 @@ class Agent:
         self.store = store
         # The lease is renewed through its own store client (its own connection and,
         # for SQLite, its own thread) so that a renewal never waits behind a burst of
-        # package work queued on the main client.
+        # package work queued on the main client; on etcd that client gives up on a
+        # member after one renewal interval (see daemon.py). Grants and revokes, which
+        # go through raft, use the main client and its longer timeout.
         self.lease_store = lease_store or store
         self.cluster = cluster
         self.node = node
@@ -191,7 +193,7 @@ class Agent:
                     # Everything was killed: give the lease up at once (if it is still
                     # alive) so that other nodes need not wait for it to expire.
                     with contextlib.suppress(StoreError):
-                        await self.lease_store.lease_revoke(self.lease)
+                        await self.store.lease_revoke(self.lease)
                     await self._wait_for_store()
                     continue
                 break
@@ -206,7 +208,7 @@ class Agent:
         record = encode(NodeRecord(name=self.node, pid=os.getpid()))
         deadline = time.monotonic() + 2 * ttl + 1
         granted = time.monotonic()
-        self.lease = await self.lease_store.lease_grant(ttl)
+        self.lease = await self.store.lease_grant(ttl)
         self._arm(granted)
         while True:
             key = self.keys.node(self.node)
@@ -216,7 +218,7 @@ class Agent:
             if res.succeeded:
                 break
             if time.monotonic() > deadline:
-                await self.lease_store.lease_revoke(self.lease)
+                await self.store.lease_revoke(self.lease)
                 raise UsageError(
                     f"node {self.node} is already up in cluster {self.cluster.name} "
                     "(another vigild with this --node is running)"
@@ -300,7 +302,7 @@ class Agent:
                 await self._halt(pkg, HaltReason.USER_HALT, "node agent stopping")
         await self._flush_dirty()
         with contextlib.suppress(StoreError):
-            await self.lease_store.lease_revoke(self.lease)
+            await self.store.lease_revoke(self.lease)
         log.info("node %s left cluster %s", self.node, self.cluster.name)
 
     # ------------------------------------------------------------------ lease
@@ -902,7 +904,7 @@ class Agent:
         if self.registry is not None:
             self.registry.kill_all()
         with contextlib.suppress(StoreError):
-            await self.lease_store.lease_revoke(self.lease)
+            await self.store.lease_revoke(self.lease)
         self.held.clear()
         self.left_cluster = True
         self._fenced.set()

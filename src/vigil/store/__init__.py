@@ -69,11 +69,12 @@ def _etcd_endpoints(url: str) -> list[str]:
     return endpoints
 
 
-def open_store(url: str) -> Store:
+def open_store(url: str, *, timeout: float | None = None) -> Store:
     """The store named by ``url``; raises StoreUnavailable for an unusable URL.
 
     Opening is lazy: a SQLite file is opened (and checked), and etcd is
-    connected to, by the first operation.
+    connected to, by the first operation. ``timeout``: for etcd, seconds one
+    request may wait for one member before the next is tried (default 5 s).
     """
     if url.startswith("sqlite://"):
         path = url.removeprefix("sqlite://")
@@ -85,5 +86,7 @@ def open_store(url: str) -> Store:
     if url.startswith("etcd://"):
         from vigil.store.etcd import EtcdStore  # httpx is imported only for etcd
 
-        return EtcdStore(_etcd_endpoints(url))
+        if timeout is None:
+            return EtcdStore(_etcd_endpoints(url))
+        return EtcdStore(_etcd_endpoints(url), timeout=timeout, connect_timeout=timeout / 2)
     raise StoreUnavailable(f"store url {url!r} is not supported; {_EXPECTED}")
