@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import click
+from rich.markup import escape
 
 from vigil.cli.context import CliContext
 from vigil.cli.render import ago, console, print_json, styled, table
@@ -41,7 +42,7 @@ def render(view: dict[str, Any], verbose: bool) -> None:
     if any(n["flags"] for n in view["nodes"].values()):
         cols.append("FLAGS")
         for row, n in zip(rows, view["nodes"].values(), strict=True):
-            row.append(" ".join(n["flags"]) or "-")
+            row.append(escape(" ".join(n["flags"])) or "-")
     console.print(table(None, cols, rows) if rows else "no nodes")
     console.print()
     prow = []
