@@ -174,7 +174,7 @@ def damaged(
 
 ERROR_PATTERNS = re.compile(
     r"Traceback|Task exception was never retrieved|Exception in callback|CRITICAL|"
-    r"agent task \S+ died|Unhandled|FATAL"
+    r"agent task \S+ died|Unhandled|FATAL|was never awaited"
 )
 
 
