@@ -357,6 +357,9 @@ class Agent:
         for task in self._claim_tasks.values():
             task.cancel()  # a start whose claim is in flight must not go on
         self._claim_tasks.clear()
+        # A claim task cancelled before it ran never reaches its own cleanup: forget
+        # every claim here, or the package would be skipped on this node for good.
+        self._claiming.clear()
         if self.registry is not None and not TEST_DISABLE_FENCING:
             self.registry.kill_all()
             for addr in self.registry.drop_addresses():
@@ -496,6 +499,8 @@ class Agent:
 
     def _launch(self, pkg: str, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.create_task(self._guard(pkg, coro), name=f"pkg-{pkg}")
+        # a task cancelled before it started never awaits ``coro``: close it then
+        task.add_done_callback(lambda _t: coro.close())
         held = self.held.get(pkg)
         if held is not None:
             held.busy = task
