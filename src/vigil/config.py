@@ -218,7 +218,14 @@ class PackageSpec(_Spec):
         return [*self.external_pre_script, *self.external_script]
 
 
-HOOK_PHASES = ("pre_restore", "post_restore", "pre_remove", "post_remove", "pre_delete", "post_delete")
+HOOK_PHASES = (
+    "pre_restore",
+    "post_restore",
+    "pre_remove",
+    "post_remove",
+    "pre_delete",
+    "post_delete",
+)
 
 
 class HooksSpec(_Spec):

@@ -36,8 +36,7 @@ def check_flag(flag: str) -> str:
     bad = next((c for c in flag if not c.isprintable() or c.isspace() or c == "/"), None)
     if bad is not None:
         raise UsageError(
-            f"flag {flag!r}: character {bad!r} not allowed "
-            "(no spaces, control characters or '/')"
+            f"flag {flag!r}: character {bad!r} not allowed (no spaces, control characters or '/')"
         )
     return flag
 

@@ -51,7 +51,9 @@ def recover(obj: CliContext, kind: str, lock_timeout: float) -> None:
         click.echo(("ran " if r.ok else "FAILED ") + r.detail)
     if not runs:
         click.echo(f"no post_{kind} hooks configured")
-    click.echo(f"cleared {', '.join(cleared)}" if cleared else f"no pending !{kind} flag for {node}")
+    click.echo(
+        f"cleared {', '.join(cleared)}" if cleared else f"no pending !{kind} flag for {node}"
+    )
     failed = [r for r in runs if not r.ok]
     if failed:
         raise ScriptError(f"{len(failed)} post_{kind} hook(s) failed: {failed[0].detail}")
