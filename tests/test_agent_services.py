@@ -165,9 +165,7 @@ def test_relocatable_address_added_on_start_removed_on_halt(cluster: LocalCluste
     ip = "127.77.0.9"
 
     def on_lo() -> bool:
-        out = subprocess.run(["ip", "-o", "addr", "show", "dev", "lo"], capture_output=True,
-                             text=True, check=True).stdout  # fmt: skip
-        return f"inet {ip}/32" in out
+        return _addr_on_lo(ip)
 
     assert not on_lo()
     web(cluster, 'command = ["sleep", "1000"]\n',

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from vigil.config import HOOK_PHASES
 from vigil.testing import wait_until_sync
 from vigil.testing.cluster import LocalCluster, _bin
 from vigil.testing.etcd import store_backend
@@ -280,19 +281,10 @@ echo "$1 ${VIGIL_PACKAGE:-none} $VIGIL_NODE" >> {log}
 
 def hooked(c: LocalCluster, log: Path, tmp_path: Path) -> None:
     """Hooks that record each run; a package whose first start hangs until released."""
-    for phase in (
-        "pre_restore",
-        "post_restore",
-        "pre_remove",
-        "post_remove",
-        "pre_delete",
-        "post_delete",
-    ):
+    for phase in HOOK_PHASES:
         c.write_script(f"{phase}.sh", HOOK.replace("{log}", str(log)))
     with (c.config / "cluster.toml").open("a") as f:
-        f.write("[hooks]\n" + "".join(
-            f'{p} = ["scripts/{p}.sh"]\n' for p in
-            ("pre_restore", "post_restore", "pre_remove", "post_remove", "pre_delete", "post_delete")))  # fmt: skip
+        f.write("[hooks]\n" + "".join(f'{p} = ["scripts/{p}.sh"]\n' for p in HOOK_PHASES))
     gate = tmp_path / "first-start-done"
     c.write_script(
         "slow.sh",
