@@ -19,32 +19,9 @@ import os
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from vigil.testing import witness
-
-
-def _serve(port: int, answer: bytes) -> None:
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(answer)))
-            self.send_header("Connection", "close")
-            self.end_headers()
-            self.wfile.write(answer)
-
-        def log_message(self, format: str, *args: object) -> None:
-            pass
-
-    while True:
-        try:
-            server = ThreadingHTTPServer(("0.0.0.0", port), Handler)
-            break
-        except OSError:
-            time.sleep(witness.HEARTBEAT)  # the port of a killed predecessor
-    server.daemon_threads = True
-    server.serve_forever(poll_interval=0.05)
 
 
 def _crash_watch(flag: Path) -> None:
@@ -60,7 +37,9 @@ def main(argv: list[str]) -> int:
         return 1
     node = os.environ.get("VIGIL_NODE", "?")
     answer = f"{node} {package} {os.getpid()}\n".encode()
-    threading.Thread(target=_serve, args=(int(port), answer), daemon=True).start()
+    threading.Thread(
+        target=witness.serve_http, args=(int(port), answer, "0.0.0.0"), daemon=True
+    ).start()
     threading.Thread(target=_crash_watch, args=(flag,), daemon=True).start()
     return witness.main([log, package])
 

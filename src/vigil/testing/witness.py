@@ -224,8 +224,9 @@ def service_toml(
 # --------------------------------------------------------------------------- the program
 
 
-def _serve_http(port: int, answer: bytes) -> None:
-    """Answer every GET on 127.0.0.1:PORT; retry binding while the port is taken."""
+def serve_http(port: int, answer: bytes, host: str = "127.0.0.1") -> None:
+    """Answer every GET on HOST:PORT with ``answer``; retry binding while the port is
+    taken (by a killed predecessor)."""
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     class Handler(BaseHTTPRequestHandler):
@@ -241,7 +242,7 @@ def _serve_http(port: int, answer: bytes) -> None:
 
     while True:
         try:
-            server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+            server = ThreadingHTTPServer((host, port), Handler)
             break
         except OSError:
             time.sleep(HEARTBEAT)
@@ -271,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     record("start")
     if args.http is not None:
         answer = f"{node} {args.package} {pid}\n".encode()
-        threading.Thread(target=_serve_http, args=(args.http, answer), daemon=True).start()
+        threading.Thread(target=serve_http, args=(args.http, answer), daemon=True).start()
     while True:
         record("alive")
         time.sleep(args.interval)
