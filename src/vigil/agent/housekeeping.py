@@ -2,7 +2,7 @@
 
 - On joining, the node removes every ``!nofailover!SELF`` flag: it is up again.
 - Each tick, the node releases admin-lock entries whose process on this node is
-  gone, and the controller releases those whose node is down.
+  gone. Entries of a node that dies go with its lease (see ``vigil.locks``).
 """
 
 from __future__ import annotations
@@ -19,6 +19,12 @@ if TYPE_CHECKING:
 class Housekeeping:
     def __init__(self, agent: Agent) -> None:
         self.agent = agent
+        self._seen = -1
+        self._mine: list[locks.Held] = []  # lock entries of processes on this node
+
+    def _local(self, entries: list[locks.Held]) -> list[locks.Held]:
+        ns = locks.pid_namespace()
+        return [h for h in entries if h.entry.node == self.agent.node and h.entry.pid_ns == ns]
 
     async def on_join(self) -> None:
         a = self.agent
@@ -29,5 +35,12 @@ class Housekeeping:
                 await flags.remove(a.store, a.keys, node, mine)
 
     async def tick(self, snap: Snapshot) -> None:
+        """Lock entries are read again only when the store changed; whether their
+        processes on this node still live is checked every tick (a process dying
+        changes nothing in the store)."""
         a = self.agent
-        await locks.reap(a.store, a.keys, a.node, await locks.queue(a.store, a.keys))
+        if snap.revision != self._seen:
+            self._mine = self._local(await locks.queue(a.store, a.keys))
+            self._seen = snap.revision
+        if self._mine:
+            self._mine = self._local(await locks.reap(a.store, a.keys, a.node, self._mine))
