@@ -42,6 +42,12 @@ CLIENT_PORT = 2379
 PEER_PORT = 2380
 SERVICE_PORT = 8000
 NODE_TIMEOUT = 3.0
+# etcd as docs/operations.md ("The etcd cluster") recommends for this node_timeout:
+# an election (up to twice the election timeout) ends well before an agent that lost
+# its renewals fences itself (0.6 x node_timeout), and pre-vote (off by default in
+# etcd 3.4) keeps a member that comes back from isolation from forcing an election.
+ETCD_HEARTBEAT_MS = 100
+ETCD_ELECTION_MS = 600
 CANARY = "lab-canary"
 
 View = dict[str, Any]
@@ -172,8 +178,9 @@ class LabCluster:
             "--initial-cluster", peers,
             "--initial-cluster-state", "new",  # ignored once the data dir exists
             "--initial-cluster-token", f"vigil-lab-{self.net.prefix}",
-            "--heartbeat-interval", "100",
-            "--election-timeout", "1000",
+            "--heartbeat-interval", str(ETCD_HEARTBEAT_MS),
+            "--election-timeout", str(ETCD_ELECTION_MS),
+            "--pre-vote=true",
             "--logger", "zap", "--log-outputs", "stderr", "--log-level", "warn",
         ]  # fmt: skip
         with (self.logs / f"etcd-{host.name}.log").open("ab") as log:

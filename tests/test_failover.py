@@ -627,3 +627,44 @@ def test_etcd_restart_under_a_running_cluster(c: LocalCluster, log: Path, backen
     holds(c, lambda v: on(v, "web") == node, 1.0, "web stays put")
     assert len(starts_after(log, "web", t_fenced)) == 1
     assert_no_overlap(log)
+
+
+def test_etcd_leader_killed_nobody_fences(backend: Backend, tmp_path: Path) -> None:
+    """SIGKILL of the etcd leader, twice: with node_timeout at least 5 x etcd's election
+    timeout (docs/operations.md, "The etcd cluster"), the agents ride out the election
+    (their renewals fail while there is no leader, and are retried until one answers),
+    so nobody fences and nothing moves."""
+    if backend.kind != "etcd":
+        pytest.skip("etcd only")
+    etcd = backend.etcd
+    c = LocalCluster(
+        tmp_path,
+        NODES,
+        name=f"fo{os.getpid()}-{next(_names)}",
+        node_timeout="4s",  # 6.7 x the test cluster's 600 ms election timeout
+        store=backend.url,
+        isolate=True,
+    )
+    log = tmp_path / "witness.log"
+    try:
+        package(c, "web", log)
+        boot(c)
+        p = wait_running(c, "web", "n1")
+        wait_alive(log, "web", "n1")
+        witness = c.host_pid("n1", p["services"]["witness"]["pid"])
+        for _ in range(2):
+            leader = etcd.leader()
+            assert leader is not None, "the etcd test cluster has no leader"
+            etcd.kill_member(leader)
+            deadline = time.monotonic() + 10
+            while (etcd.leader() in (None, leader)) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert etcd.leader() not in (None, leader), "etcd elected no new leader in 10 s"
+            holds(c, lambda v: on(v, "web") == "n1", 3.0, "web stays on n1")
+            etcd.start_member(leader)
+        assert Path(f"/proc/{witness}").exists(), "web's service was killed"
+        for n in NODES:
+            assert "FENCING" not in c.agent_log(n), c.agent_log(n)
+        assert len(runs(log, "web")) == 1
+    finally:
+        c.close()

@@ -69,6 +69,9 @@ FENCE_AT = 0.8
 # Renew this often (a fraction of node_timeout): a slow renewal or two under load
 # still leaves time for another before FENCE_SELF.
 RENEW_EVERY = 1 / 6
+# After a failed renewal, try again this soon: an etcd leader election ends at an
+# unknown moment, and the first renewal after it must not wait a whole interval.
+RETRY_EVERY = 1 / 30
 STATUS_FLUSH_INTERVAL = 0.05
 # TEST-ONLY: a deliberately broken build for the fault lab (lab/, docs/reliability.md),
 # which must catch the double runs it causes. Never set it in production: with it the
@@ -317,8 +320,11 @@ class Agent:
     async def _keepalive(self) -> None:
         ttl = self.cluster.node_timeout
         last_ok = time.monotonic()
+        pause = ttl * RENEW_EVERY
+        failures = 0  # renewals failed in a row
         while True:
-            await asyncio.sleep(ttl * RENEW_EVERY)
+            await asyncio.sleep(pause)
+            pause = ttl * RETRY_EVERY  # until this renewal succeeds
             if self._deadline_passed():
                 self._fence("the lease deadline passed (the agent was stalled)")
                 return
@@ -330,7 +336,15 @@ class Agent:
                     raise TimeoutError
                 async with asyncio.timeout(budget):
                     await self.lease_store.lease_keepalive(self.lease)
+                if failures:
+                    log.info(
+                        "lease renewed after %d failed attempts (%.2fs since the last renewal)",
+                        failures,
+                        sent - last_ok,
+                    )
+                failures = 0
                 last_ok = sent
+                pause = ttl * RENEW_EVERY
                 self._arm(sent)
             except LeaseNotFound:
                 self._fence("node lease expired")
@@ -342,7 +356,9 @@ class Agent:
                 if time.monotonic() - last_ok >= ttl * FENCE_SELF - 0.001:
                     self._fence(f"cannot renew the node lease: {why}")
                     return
-                log.warning("lease renewal failed (%s); retrying", why)
+                failures += 1
+                if failures == 1:  # the rest of the episode is summed up when it ends
+                    log.warning("lease renewal failed (%s); retrying", why)
 
     def _deadline_passed(self) -> bool:
         """True once the sentinel's lease deadline passed: it has killed (or is killing)
