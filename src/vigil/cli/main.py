@@ -2,29 +2,50 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 from pathlib import Path
 
 import click
 
-from vigil.cli import (
-    cmdsync,
-    config_cmds,
-    demo,
-    events,
-    flag,
-    lock,
-    node,
-    package,
-    recover,
-    simulate,
-    status,
-)
 from vigil.cli.context import CliContext
 from vigil.errors import VigilError
 
+# Every command, and where it lives: a command's module (and what it imports: the
+# planner, rich, the process supervisor...) is only imported when that command runs,
+# so that short commands called from scripts (``vigil flag test``) start quickly.
+COMMANDS = {
+    "status": "vigil.cli.status:status",
+    "package": "vigil.cli.package:package",
+    "node": "vigil.cli.node:node",
+    "simulate": "vigil.cli.simulate:simulate",
+    "events": "vigil.cli.events:events",
+    "check": "vigil.cli.config_cmds:check",
+    "apply": "vigil.cli.config_cmds:apply",
+    "demo": "vigil.cli.demo:demo",
+    "cmdsync": "vigil.cli.cmdsync:cmdsync",
+    "flag": "vigil.cli.flag:flag",
+    "lock": "vigil.cli.lock:lock",
+    "recover": "vigil.cli.recover:recover",
+}
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+
+class LazyGroup(click.Group):
+    """A group whose subcommands (``COMMANDS``) are imported on first use."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *COMMANDS])
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in COMMANDS:
+            return super().get_command(ctx, cmd_name)
+        module, _, attr = COMMANDS[cmd_name].partition(":")
+        command = getattr(importlib.import_module(module), attr)
+        assert isinstance(command, click.Command), COMMANDS[cmd_name]
+        return command
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--config",
     "-c",
@@ -55,20 +76,6 @@ def agent(obj: CliContext, args: tuple[str, ...]) -> None:
     if obj.node_option and "--node" not in args:
         argv = ["--node", obj.node_option, *argv]
     vigild.main(argv, prog_name="vigil agent")
-
-
-cli.add_command(status.status)
-cli.add_command(package.package)
-cli.add_command(node.node)
-cli.add_command(simulate.simulate)
-cli.add_command(events.events)
-cli.add_command(config_cmds.check)
-cli.add_command(config_cmds.apply)
-cli.add_command(demo.demo)
-cli.add_command(cmdsync.cmdsync)
-cli.add_command(flag.flag)
-cli.add_command(lock.lock)
-cli.add_command(recover.recover)
 
 
 def main(argv: list[str] | None = None) -> None:
