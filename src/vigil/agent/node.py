@@ -37,9 +37,10 @@ from vigil.agent.decide import (
 )
 from vigil.agent.duties import default_duties, duty_loop, run_on_join
 from vigil.agent.hooks import HookRunner
+from vigil.agent.lease import FENCE_AT, LeaseKeeper
 from vigil.agent.package import AddressStep, Context, Outcome, PackageRunner
 from vigil.config import ClusterSpec, PackageSpec
-from vigil.errors import Compacted, LeaseNotFound, StoreError, UsageError
+from vigil.errors import Compacted, StoreError, UsageError
 from vigil.keys import Keys
 from vigil.model import (
     Event,
@@ -62,16 +63,6 @@ RECONCILE_PACE_MAX = 0.2
 # At most this many package operations (start, halt, ...) run at once: a burst of
 # hundreds must not starve the loop that renews the lease.
 MAX_CONCURRENT_OPS = 16
-# The sentinel fences at this fraction of node_timeout after the last renewal was sent;
-# the agent itself gives up renewing at FENCE_SELF (earlier, so it usually acts first).
-FENCE_SELF = 0.6
-FENCE_AT = 0.8
-# Renew this often (a fraction of node_timeout): a slow renewal or two under load
-# still leaves time for another before FENCE_SELF.
-RENEW_EVERY = 1 / 6
-# After a failed renewal, try again this soon: an etcd leader election ends at an
-# unknown moment, and the first renewal after it must not wait a whole interval.
-RETRY_EVERY = 1 / 30
 STATUS_FLUSH_INTERVAL = 0.05
 # TEST-ONLY: a deliberately broken build for the fault lab (lab/, docs/reliability.md),
 # which must catch the double runs it causes. Never set it in production: with it the
@@ -313,52 +304,20 @@ class Agent:
     def _arm(self, renewed_at: float) -> None:
         """The lease was renewed by a request sent at ``renewed_at``: it cannot expire
         before renewed_at + ttl. The sentinel kills every package process if no newer
-        renewal is reported by FENCE_AT of that (even if this agent is stopped)."""
+        renewal is reported by FENCE_AT of that (even if this agent is stopped);
+        see agent/lease.py for the timing rules."""
         if self.registry is not None and not TEST_DISABLE_FENCING:
             self.registry.arm(renewed_at + self.cluster.node_timeout * FENCE_AT)
 
     async def _keepalive(self) -> None:
-        ttl = self.cluster.node_timeout
-        last_ok = time.monotonic()
-        pause = ttl * RENEW_EVERY
-        failures = 0  # renewals failed in a row
-        while True:
-            await asyncio.sleep(pause)
-            pause = ttl * RETRY_EVERY  # until this renewal succeeds
-            if self._deadline_passed():
-                self._fence("the lease deadline passed (the agent was stalled)")
-                return
-            sent = time.monotonic()
-            # never wait for a renewal past the point where we must fence ourselves
-            budget = min(ttl / 3, last_ok + ttl * FENCE_SELF - sent)  # often > one interval
-            try:
-                if budget <= 0:
-                    raise TimeoutError
-                async with asyncio.timeout(budget):
-                    await self.lease_store.lease_keepalive(self.lease)
-                if failures:
-                    log.info(
-                        "lease renewed after %d failed attempts (%.2fs since the last renewal)",
-                        failures,
-                        sent - last_ok,
-                    )
-                failures = 0
-                last_ok = sent
-                pause = ttl * RENEW_EVERY
-                self._arm(sent)
-            except LeaseNotFound:
-                self._fence("node lease expired")
-                return
-            except (StoreError, TimeoutError) as exc:
-                why = str(exc) or f"no answer within {max(budget, 0):.2f}s"
-                # The lease runs from the last renewal the store saw, which was sent at
-                # or after last_ok: kill everything while there is still margin.
-                if time.monotonic() - last_ok >= ttl * FENCE_SELF - 0.001:
-                    self._fence(f"cannot renew the node lease: {why}")
-                    return
-                failures += 1
-                if failures == 1:  # the rest of the episode is summed up when it ends
-                    log.warning("lease renewal failed (%s); retrying", why)
+        keeper = LeaseKeeper(
+            self.lease_store,
+            self.lease,
+            self.cluster.node_timeout,
+            arm=self._arm,
+            stalled=self._deadline_passed,
+        )
+        self._fence(await keeper.renew_until_lost())
 
     def _deadline_passed(self) -> bool:
         """True once the sentinel's lease deadline passed: it has killed (or is killing)
