@@ -36,6 +36,7 @@ from vigil.agent.decide import (
     decide,
 )
 from vigil.agent.duties import default_duties, duty_loop, run_on_join
+from vigil.agent.events import EventLog
 from vigil.agent.hooks import HookRunner
 from vigil.agent.lease import FENCE_AT, LeaseKeeper
 from vigil.agent.package import AddressStep, Context, Outcome, PackageRunner
@@ -43,7 +44,6 @@ from vigil.config import ClusterSpec, PackageSpec
 from vigil.errors import Compacted, StoreError, UsageError
 from vigil.keys import Keys
 from vigil.model import (
-    Event,
     HaltReason,
     MonitorStatus,
     NodeRecord,
@@ -58,7 +58,6 @@ from vigil.supervise.sentinel import ProcessRegistry, cleanup_leftovers
 
 log = logging.getLogger("vigil.agent")
 
-EVENTS_KEPT = 2000
 RECONCILE_PACE_MAX = 0.2
 # At most this many package operations (start, halt, ...) run at once: a burst of
 # hundreds must not starve the loop that renews the lease.
@@ -131,8 +130,6 @@ class Agent:
         self._tasks: list[asyncio.Task[Any]] = []
         self._stopping = False
         self._fenced = asyncio.Event()
-        self._events_written = 0
-        self._last_event_ns = 0
         self.left_cluster = False  # set by fence_node: the agent exits instead of rejoining
         self._claiming: set[str] = set()  # packages whose START is between decision and claim
         self._claim_tasks: dict[str, asyncio.Task[None]] = {}
@@ -144,6 +141,7 @@ class Agent:
         # claims, status writes and releases of concurrent package operations are
         # joined into fewer store transactions (see agent/batcher.py)
         self.batcher = TxnBatcher(store)
+        self.events = EventLog(store, self.keys, node)
         self.hooks = HookRunner(self)
         self.duties = [self.hooks, *default_duties(self)]
 
@@ -249,7 +247,7 @@ class Agent:
                 )
                 await self.store.txn(
                     [Compare.absent(self.keys.owner(pkg))],
-                    [Put(self.keys.status(pkg), encode(new)), self._event_op(pkg, st.state, new)],
+                    [Put(self.keys.status(pkg), encode(new)), self.events.op(pkg, st.state, new)],
                 )
 
     async def _wait_for_store(self) -> None:
@@ -569,7 +567,7 @@ class Agent:
             [
                 Put(owner_key, self.node.encode(), lease=self.lease),
                 Put(self.keys.status(pkg), encode(status)),
-                self._event_op(pkg, old.state, status, reason.value),
+                self.events.op(pkg, old.state, status, reason.value),
             ],
         )
         if not res.succeeded:
@@ -694,7 +692,7 @@ class Agent:
             [
                 Delete(self.keys.owner(pkg)),
                 Put(self.keys.status(pkg), encode(status)),
-                self._event_op(pkg, old, status, why),
+                self.events.op(pkg, old, status, why),
                 *(extra or []),
             ],
         )
@@ -735,7 +733,7 @@ class Agent:
         status = self._status(pkg, held)
         ops: list[Op] = [Put(self.keys.status(pkg), encode(status))]
         if event_from is not None:
-            ops.append(self._event_op(pkg, event_from, status, why))
+            ops.append(self.events.op(pkg, event_from, status, why))
         res = await self.batcher.txn(
             [Compare.mod_revision(self.keys.owner(pkg), held.owner_rev)], ops
         )
@@ -743,30 +741,6 @@ class Agent:
         if not res.succeeded:
             log.error("package %s: owner key lost; killing its processes", pkg)
             self._trigger.set()
-
-    def _event_op(
-        self, pkg: str, old: PackageState | None, new: PackageStatus, why: str = ""
-    ) -> Put:
-        now_ns = max(time.time_ns(), self._last_event_ns + 1)
-        self._last_event_ns = now_ns
-        self._events_written += 1
-        if self._events_written % 200 == 0:
-            asyncio.get_running_loop().create_task(self._trim_events())
-        ev = Event(
-            time=now_ns / 1e9,
-            node=self.node,
-            package=pkg,
-            from_state=old.value if old else None,
-            to_state=new.state.value,
-            reason=why or new.message,
-        )
-        return Put(self.keys.event(now_ns, self.node), encode(ev))
-
-    async def _trim_events(self) -> None:
-        with contextlib.suppress(StoreError):
-            kvs, _ = await self.store.range(self.keys.events)
-            for kv in kvs[: max(0, len(kvs) - EVENTS_KEPT)]:
-                await self.store.delete(kv.key)
 
     # ------------------------------------------------------------------ runtime failures
 
