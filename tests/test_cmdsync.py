@@ -1,7 +1,8 @@
 """cmdsync (CONCEPTS §7): resumable scripts rerun on another node when theirs dies.
 
 Pure: reassignment, availability, markers. Real: a 3-node cluster where each node is
-a PID namespace (``LocalCluster(isolate=True)``). The operator's script is started
+a PID namespace (``LocalCluster(isolate=True)``), on SQLite and on a real 3-member
+etcd. The operator's script is started
 *inside* node n1's namespace (``nsenter``), so that killing n1 kills it like a
 machine losing power; the script records its progress (node, marker) in a file
 outside the namespaces, and the tests assert on that record and on ``vigil cmdsync
@@ -10,7 +11,9 @@ list``.
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
 import shutil
 import subprocess
 import time
@@ -24,6 +27,7 @@ from vigil.config import ClusterSpec
 from vigil.errors import UsageError
 from vigil.model import CmdsyncEntry
 from vigil.testing.cluster import LocalCluster, _bin
+from vigil.testing.etcd import store_backend
 
 # --------------------------------------------------------------------------- pure
 
@@ -78,16 +82,34 @@ def test_marker_ok() -> None:
 
 NODES = ["n1", "n2", "n3"]
 NODE_TIMEOUT = 2.0
+_names = itertools.count(1)
 RERUN = NODE_TIMEOUT + 10.0  # lease expiry + controller tick + agent tick, on a busy box
 
 
+@pytest.fixture(scope="module", params=["sqlite", "etcd"])
+def store_url(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str | None]:
+    """The three-node tests run on SQLite and on a real 3-member etcd (one for the
+    module, a fresh cluster name per test)."""
+    with store_backend(request.param, tmp_path_factory.mktemp) as (url, _):
+        yield url
+
+
 @pytest.fixture
-def c(tmp_path: Path) -> Iterator[LocalCluster]:
+def c(tmp_path: Path, store_url: str | None) -> Iterator[LocalCluster]:
     probe = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"],
                            capture_output=True, check=False)  # fmt: skip
     if probe.returncode != 0 or shutil.which("nsenter") is None:
         pytest.skip("needs PID namespaces (unshare) and nsenter")
-    cluster = LocalCluster(tmp_path, NODES, node_timeout=f"{NODE_TIMEOUT:g}s", isolate=True)
+    cluster = LocalCluster(
+        tmp_path,
+        NODES,
+        name=f"cs{os.getpid()}-{next(_names)}",
+        node_timeout=f"{NODE_TIMEOUT:g}s",
+        store=store_url,
+        isolate=True,
+    )
     try:
         cluster.start_agents()
         cluster.wait_nodes_up()
