@@ -59,6 +59,7 @@ from vigil.supervise.sentinel import ProcessRegistry, cleanup_leftovers
 log = logging.getLogger("vigil.agent")
 
 RECONCILE_PACE_MAX = 0.2
+RESYNC_EVERY = 1.0  # reconcile at least this often (a fraction of node_timeout)
 # At most this many package operations (start, halt, ...) run at once: a burst of
 # hundreds must not starve the loop that renews the lease.
 MAX_CONCURRENT_OPS = 16
@@ -415,7 +416,13 @@ class Agent:
     async def _reconcile_loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            await self._trigger.wait()
+            # Every store change triggers a reconcile, and so does node_timeout without
+            # one: a watch can go silent without breaking (an etcd member that hangs or
+            # is cut off keeps its connection open), and an assignment must not wait
+            # for the watch to notice.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.cluster.node_timeout * RESYNC_EVERY):
+                    await self._trigger.wait()
             self._trigger.clear()
             started = loop.time()
             try:

@@ -10,7 +10,9 @@ base64-encoded like values; etcd sorts keys by bytes, which for UTF-8 is the
 order of ``str``. Tested with etcd 3.4 (Debian's ``etcd-server``) and 3.5.
 
 Endpoints: a request goes to the endpoint that last worked; on a connection
-error it tries the next ones in turn, and remembers the first that answers. A
+error or timeout it tries the next ones in turn, remembers the first that answers,
+and a member that failed is not tried first again (even when the failed request
+was a write that could not be retried). A
 request that may have reached etcd (the connection broke after it was sent, or
 etcd timed out) is only retried on another endpoint if it is idempotent (reads,
 lease grant and keepalive, compaction); a write then raises ``StoreUnavailable``
@@ -728,6 +730,8 @@ class EtcdStore:
                     response = await client.post(endpoint + path, json=body)
                 except httpx.TransportError as exc:
                     self._check_open()
+                    if index == self._current:  # the next request starts elsewhere
+                        self._current = (index + 1) % count
                     if not retry and not isinstance(exc, _NOT_SENT):
                         raise StoreUnavailable(
                             f"etcd {endpoint}{path}: {_describe(exc)}; the request may or may "

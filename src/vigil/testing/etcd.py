@@ -183,6 +183,19 @@ class EtcdCluster:
         proc.kill()
         proc.wait()
 
+    def pause_member(self, i: int) -> None:
+        """SIGSTOP member ``i``: its connections stay open and every request to it
+        hangs, like a member whose host froze or was cut off without a reset."""
+        proc = self._procs[i]
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGSTOP)
+
+    def resume_member(self, i: int) -> None:
+        """SIGCONT member ``i`` (see :meth:`pause_member`)."""
+        proc = self._procs[i]
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGCONT)
+
     def start_member(self, i: int) -> None:
         """Start member ``i`` again on its data dir; wait until it is healthy."""
         if self.running(i):
