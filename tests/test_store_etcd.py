@@ -250,6 +250,48 @@ def test_watch_survives_restart_of_its_member(members_back: EtcdCluster, how: st
     run(main())
 
 
+def test_watch_on_a_frozen_member_moves_on(members_back: EtcdCluster) -> None:
+    """A member frozen by SIGSTOP keeps its connections open and silent (the kernel
+    even answers TCP keepalives): the watch on it is created again after watch_idle
+    seconds without a message, the frozen member does not confirm it within the
+    timeout, and the watch goes on on another member without losing an event; a
+    request that timed out on the frozen member is not sent there first again."""
+    cluster = members_back
+    prefix = "frozen/"
+
+    async def main() -> None:
+        leader = await wait_leader(cluster)
+        victim = (leader + 1) % 3  # a follower: no election in this test
+        others = [cluster.endpoint(i) for i in range(3) if i != victim]
+        store = EtcdStore([cluster.endpoint(victim), *others], timeout=1, watch_idle=1)
+        writer = EtcdStore(others)
+        try:
+            base = (await store.range(prefix))[1]
+            watch = store.watch(prefix, base)
+            first = await writer.put(f"{prefix}0", b"0")
+            assert keys_revs(await take(watch, 1)) == [("put", f"{prefix}0", first)]
+            assert store.endpoint == cluster.endpoint(victim)
+            cluster.pause_member(victim)
+            try:
+                second = await writer.put(f"{prefix}1", b"1")
+                start = time.monotonic()
+                assert keys_revs(await take(watch, 1, timeout=10)) == [
+                    ("put", f"{prefix}1", second)
+                ]
+                took = time.monotonic() - start
+                assert took < 5, f"the watch moved on only after {took:.1f}s"
+                kv = await store.get(f"{prefix}1")  # the watch moved on already
+                assert kv is not None and store.endpoint != cluster.endpoint(victim)
+            finally:
+                cluster.resume_member(victim)
+            await watch.aclose()  # type: ignore[attr-defined]
+        finally:
+            for s in (store, writer):
+                await s.close()
+
+    run(main())
+
+
 # -- compaction ---------------------------------------------------------------
 
 

@@ -43,6 +43,9 @@ Where etcd differs from the contract, and what this backend does about it:
   on any endpoint, from the revision of the last event they yielded (never a
   header revision: no event is skipped or repeated). If no endpoint lets the
   watch resume for ``watch_reconnect`` seconds it raises ``StoreUnavailable``.
+  A watch that received nothing for ``watch_idle`` seconds (5 s) is created
+  again from its last event: a member that froze or was cut off keeps the
+  stream open and silent.
 """
 
 from __future__ import annotations
@@ -135,6 +138,10 @@ class _Refused(Exception):
 
 class _StreamBroken(Exception):
     """A watch stream ended or failed: resume it elsewhere."""
+
+
+class _Idle(Exception):
+    """A watch stream sent nothing for ``watch_idle`` seconds: create it again."""
 
 
 # -- encoding -----------------------------------------------------------------
@@ -377,6 +384,10 @@ class EtcdStore:
     member can be reached at all it fails after one round, so a request takes at
     most about ``len(endpoints) * timeout``. ``watch_reconnect``: how long a
     watch keeps trying to resume before it raises ``StoreUnavailable``.
+    ``watch_idle``: a watch that received nothing for that long is created again
+    from its last event (on the member requests last worked on, then the next
+    ones), because a member that hangs or is cut off keeps the stream open and
+    silent; the kernel even answers TCP keepalives for a frozen process.
 
     A store's connections belong to the event loop it is first used on: use
     (and close) it there; using it on another loop raises RuntimeError.
@@ -389,17 +400,19 @@ class EtcdStore:
         timeout: float = 5.0,
         connect_timeout: float = 1.0,
         watch_reconnect: float = 30.0,
+        watch_idle: float = 5.0,
     ) -> None:
         if isinstance(endpoints, str):
             raise TypeError("endpoints is a list of URLs, not one string")
         self._endpoints = [_endpoint(url) for url in endpoints]
         if not self._endpoints:
             raise ValueError("etcd store needs at least one endpoint")
-        if not timeout > 0 or not connect_timeout > 0:
+        if not timeout > 0 or not connect_timeout > 0 or not watch_idle > 0:
             raise ValueError("timeouts must be positive")
         self._timeout = timeout
         self._connect_timeout = min(connect_timeout, timeout)
         self._watch_reconnect = watch_reconnect
+        self._watch_idle = watch_idle
         self._current = 0
         self._client: httpx.AsyncClient | None = None
         self._client_loop: asyncio.AbstractEventLoop | None = None
@@ -525,6 +538,9 @@ class EtcdStore:
                                 continue  # defensive: never repeat an event
                             yield event
                             cursor = event.revision
+            except _Idle:
+                index = self._current  # where requests last worked: maybe elsewhere now
+                continue
             except (httpx.TransportError, _StreamBroken, _Refused) as exc:
                 self._check_open()
                 if isinstance(exc, _Refused) and not exc.transient:
@@ -790,8 +806,11 @@ class EtcdStore:
         client = self._http()
         timeout = httpx.Timeout(self._timeout, connect=self._connect_timeout, read=None)
         created = False
+        loop = asyncio.get_running_loop()
         try:
-            # Until etcd confirms the watch, ``timeout`` bounds the wait; then nothing does.
+            # Until etcd confirms the watch, ``timeout`` bounds the wait; then watch_idle
+            # bounds each wait for the next message (never the consumer's time: the
+            # deadline is off while an event is handed out).
             async with (
                 asyncio.timeout(self._timeout) as deadline,
                 client.stream(
@@ -811,9 +830,14 @@ class EtcdStore:
                     if events:
                         if not created:
                             raise _StreamBroken("events before the watch was created")
+                        deadline.reschedule(None)
                         yield events
                         cursor = events[-1].revision
+                    if created:
+                        deadline.reschedule(loop.time() + self._watch_idle)
         except TimeoutError:
+            if created:
+                raise _Idle from None
             raise _StreamBroken(
                 f"no reply to the watch request within {self._timeout:g} s"
             ) from None
