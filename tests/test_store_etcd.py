@@ -151,6 +151,31 @@ def test_silent_endpoint_times_out() -> None:
         run(main())
 
 
+def test_keepalive_asks_the_next_member_when_one_hangs(cluster: EtcdCluster) -> None:
+    """A lease keepalive is hedged: with a first endpoint that accepts connections and
+    never answers, the renewal is answered by the next member long before the
+    request to the silent one times out, and the next renewal starts there."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+
+        async def main() -> None:
+            async with EtcdStore(cluster.endpoints) as granter:
+                lease = await granter.lease_grant(5)
+                async with EtcdStore([url, *cluster.endpoints], timeout=2.0) as store:
+                    start = time.monotonic()
+                    assert await store.lease_keepalive(lease) == 5
+                    took = time.monotonic() - start
+                    assert took < 1.5, f"the keepalive waited {took:.2f}s on the silent member"
+                    assert store.endpoint == cluster.endpoint(0)
+                    await granter.lease_revoke(lease)
+                    with pytest.raises(LeaseNotFound):
+                        await store.lease_keepalive(lease)
+
+        run(main())
+
+
 def test_member_without_quorum_refuses_in_bounded_time(members_back: EtcdCluster) -> None:
     cluster = members_back
 

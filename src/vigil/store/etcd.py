@@ -16,7 +16,10 @@ was a write that could not be retried). A
 request that may have reached etcd (the connection broke after it was sent, or
 etcd timed out) is only retried on another endpoint if it is idempotent (reads,
 lease grant and keepalive, compaction); a write then raises ``StoreUnavailable``
-saying that its outcome is unknown. Every request carries the gRPC metadata
+saying that its outcome is unknown. A lease keepalive is *hedged*: asked of the
+next member too when the first has not answered within a fifth of the timeout,
+because a follower holds it while there is no leader (and answers as soon as
+there is one) while a dead member never answers. Every request carries the gRPC metadata
 ``hasleader``, so that a member cut off from the quorum refuses at once (or
 closes a watch) instead of hanging, and the request moves on to another member.
 
@@ -142,6 +145,10 @@ class _StreamBroken(Exception):
 
 class _Idle(Exception):
     """A watch stream sent nothing for ``watch_idle`` seconds: create it again."""
+
+
+class _Unreachable(Exception):
+    """One member could not be reached (see ``EtcdStore._ask``)."""
 
 
 # -- encoding -----------------------------------------------------------------
@@ -497,9 +504,7 @@ class EtcdStore:
                 raise LeaseNotFound(f"lease {lease_id} not found (expired or revoked)")
             return float(ttl)
 
-        return await self._call(
-            "/v3/lease/keepalive", {"ID": str(lease_id)}, parse, retry=True, stream=True
-        )
+        return await self._hedged("/v3/lease/keepalive", {"ID": str(lease_id)}, parse)
 
     async def lease_revoke(self, lease_id: int) -> None:
         def parse(data: Json) -> None:
@@ -775,6 +780,75 @@ class EtcdStore:
                 )
             await asyncio.sleep(delay)  # a leader election takes about a second
             delay = min(delay * 2, 0.5)
+
+    async def _hedged(self, path: str, body: Json, parse: Callable[[Json], T]) -> T:
+        """An idempotent streamed request (a lease keepalive) sent to the member that
+        last worked, then to the next one each ``timeout / 5`` while none has
+        answered (at once when one fails); the first answer wins, the others are
+        cancelled. A follower holds such a request while there is no leader and
+        answers it as soon as there is one, while a member that hangs or is cut off
+        never does: asking them side by side rides out an election without waiting
+        on a dead member, within ``timeout`` in all.
+        """
+        count = len(self._endpoints)
+        order = [(self._current + k) % count for k in range(count)]
+        running: dict[asyncio.Task[T], int] = {}
+        failures: list[str] = []
+        hedge_after = self._timeout / 5
+        try:
+            async with asyncio.timeout(self._timeout):
+                while order or running:
+                    if order:
+                        index = order.pop(0)
+                        running[asyncio.create_task(self._ask(index, path, body, parse))] = index
+                    done, _ = await asyncio.wait(
+                        running,
+                        timeout=hedge_after if order else None,
+                        return_when=asyncio.FIRST_COMPLETED,
+                    )
+                    for task in done:
+                        index = running.pop(task)
+                        exc = task.exception()
+                        if exc is None:
+                            self._current = index
+                            return task.result()
+                        if not isinstance(exc, _Unreachable):
+                            raise exc
+                        failures.append(str(exc))
+                        if index == self._current:
+                            self._current = (index + 1) % count
+        except TimeoutError:
+            failures.append(f"no answer within {self._timeout:g} s")
+        finally:
+            for task in running:
+                task.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
+        self._check_open()
+        raise StoreUnavailable(
+            f"etcd unavailable: no endpoint of {', '.join(self._endpoints)} answered "
+            f"({'; '.join(failures[-count:])})"
+        )
+
+    async def _ask(self, index: int, path: str, body: Json, parse: Callable[[Json], T]) -> T:
+        """One member, until it answers: a refusal that an election explains (no
+        leader yet) is asked again; ``_Unreachable`` if it cannot be reached."""
+        endpoint = self._endpoints[index]
+        delay = 0.02
+        while True:
+            try:
+                response = await self._http().post(endpoint + path, json=body)
+            except httpx.TransportError as exc:
+                self._check_open()
+                raise _Unreachable(f"{endpoint}: {_describe(exc)}") from None
+            try:
+                return parse(self._decode(response, stream=True))
+            except _Refused as refused:
+                if not refused.transient:
+                    raise self._error(endpoint, refused) from None
+            except _BadData as exc:
+                raise StoreCorrupt(f"etcd {endpoint}{path}: {exc}") from None
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.2)
 
     @staticmethod
     def _decode(response: httpx.Response, stream: bool) -> Json:
