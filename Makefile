@@ -32,6 +32,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/agent_footprint.py
 	$(BIN)/python bench/planner.py
 	$(BIN)/python bench/failover.py
+	$(BIN)/python bench/etcd_elections.py
 	$(BIN)/python bench/keepalived_compare.py
 
 # The fault lab (docs/reliability.md): as root. KNOWN lists product bugs the lab
