@@ -125,6 +125,7 @@ class Agent:
         self.lease = 0
         self.held: dict[str, Held] = {}
         self.snapshot: Snapshot | None = None
+        self._reconciled_at = -1  # the store revision the last reconcile read
         self._trigger = asyncio.Event()
         self._dirty: set[str] = set()
         self._dirty_event = asyncio.Event()
@@ -417,13 +418,18 @@ class Agent:
         loop = asyncio.get_running_loop()
         while True:
             # Every store change triggers a reconcile, and so does node_timeout without
-            # one: a watch can go silent without breaking (an etcd member that hangs or
-            # is cut off keeps its connection open), and an assignment must not wait
-            # for the watch to notice.
-            with contextlib.suppress(TimeoutError):
+            # one if the store has changed since the last: a watch can go silent without
+            # breaking (an etcd member that hangs or is cut off keeps its connection
+            # open), and an assignment must not wait for the watch to notice.
+            resync = False
+            try:
                 async with asyncio.timeout(self.cluster.node_timeout * RESYNC_EVERY):
                     await self._trigger.wait()
+            except TimeoutError:
+                resync = True
             self._trigger.clear()
+            if resync and await self._store_unchanged():
+                continue
             started = loop.time()
             try:
                 await self.reconcile()
@@ -439,11 +445,22 @@ class Agent:
             # (starting processes, renewing the lease) as the reconcile took.
             await asyncio.sleep(min(RECONCILE_PACE_MAX, loop.time() - started))
 
+    async def _store_unchanged(self) -> bool:
+        """No write reached the store since the last reconcile read it (one small
+        read instead of a whole snapshot; on a shared etcd, other clusters' writes
+        count as changes)."""
+        try:
+            _, revision = await self.store.range(self.keys.controller)
+        except StoreError:
+            return False  # the reconcile will say what is wrong
+        return revision == self._reconciled_at
+
     async def reconcile(self) -> None:
         if self._stopping:
             return
         snap = await read_snapshot(self.store, self.keys)
         read_at = snap.revision  # the owners in snap are as of this revision
+        self._reconciled_at = read_at
         snap = await self.controller.step(snap, self.lease)
         self.snapshot = snap
         self._check_ownership(snap, read_at)
