@@ -46,7 +46,8 @@ KNOWN  ?= stale-address,task-died
 lab: $(STAMP)
 	@sh scripts/ensure-system.sh
 	$(BIN)/python -m lab --seed $(SEED) --steps $(STEPS) --hosts $(HOSTS) \
-		$(if $(BROKEN),--broken $(BROKEN)) $(if $(KNOWN),--known $(KNOWN))
+		$(if $(BROKEN),--broken $(BROKEN)) $(if $(KNOWN),--known $(KNOWN)) \
+		$(if $(ROOT),--root $(ROOT))
 
 # CI: a short seeded run (the broken build is caught in tests/test_lab.py).
 lab-ci: $(STAMP)
