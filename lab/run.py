@@ -30,6 +30,7 @@ from lab.cluster import LabCluster
 from lab.nemesis import Fault, schedule
 
 BOUND = 45.0  # seconds after a heal by which everything must run and agree again
+SLOW = 15.0  # a settle slower than this says which audit it waited on
 POLL = 0.25
 View = dict[str, Any]
 
@@ -138,11 +139,19 @@ class Run:
     def settle(self, n: int, fault: Fault | None) -> float:
         """Wait (bounded) until everything runs and every host agrees; audit. Returns
         the seconds it took."""
-        t0 = time.monotonic()
+        t0 = last = time.monotonic()
         deadline = t0 + BOUND
         findings: dict[str, list[str]] = {}
+        waited: dict[str, float] = {}  # per audit: seconds it was not satisfied
+        seen: dict[str, str] = {}  # per audit: what it said last
         while True:
             findings = self.observe()
+            now = time.monotonic()
+            for what, problems in findings.items():
+                if problems:
+                    waited[what] = waited.get(what, 0.0) + now - last
+                    seen[what] = problems[0]
+            last = now
             self.check(n, "double run", self.witness.check(), fault)
             if not any(findings.values()):
                 break
@@ -152,7 +161,11 @@ class Run:
             time.sleep(POLL)
         took = time.monotonic() - t0
         self.check(n, "agent logs", self.logs.check(), fault)
-        self.say(f"  ok: all running and agreeing {took:.1f}s after the heal")
+        slow = ""
+        if took > SLOW and waited:  # say what held it up
+            what = max(waited, key=lambda k: waited[k])
+            slow = f" (waited on {what} for {waited[what]:.0f}s: {seen[what][:160]})"
+        self.say(f"  ok: all running and agreeing {took:.1f}s after the heal{slow}")
         return took
 
     def observe(self) -> dict[str, list[str]]:
