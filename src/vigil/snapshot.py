@@ -15,7 +15,14 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from vigil.config import ClusterSpec, PackageSpec
 from vigil.errors import StoreCorrupt
 from vigil.keys import Keys
-from vigil.model import AdminRecord, Assignment, NodeAdmin, NodeRecord, PackageStatus
+from vigil.model import (
+    AdminRecord,
+    Assignment,
+    MemberRecord,
+    NodeAdmin,
+    NodeRecord,
+    PackageStatus,
+)
 from vigil.store import Get, KeyValue, Store
 
 M = TypeVar("M", bound=BaseModel)
@@ -68,6 +75,7 @@ class Snapshot:
     controller: str | None = None
     controller_revision: int = 0  # create_revision of the leader key: the controller's token
     flags: dict[str, frozenset[str]] = field(default_factory=dict)  # node -> its flags
+    members: dict[str, MemberRecord] = field(default_factory=dict)  # nodes that joined once
 
     def admin_of(self, pkg: str) -> AdminRecord:
         return self.admin.get(pkg) or AdminRecord(auto_run=self._auto_run_default(pkg))
@@ -100,6 +108,7 @@ async def read_snapshot(store: Store, keys: Keys) -> Snapshot:
             Get(keys.node_admins, prefix=True),
             Get(keys.controller),
             Get(keys.flags, prefix=True),
+            Get(keys.members, prefix=True),
         ],
     )
     (
@@ -112,6 +121,7 @@ async def read_snapshot(store: Store, keys: Keys) -> Snapshot:
         nodeadmin_kvs,
         controller_kvs,
         flag_kvs,
+        member_kvs,
     ) = (r if isinstance(r, list) else [] for r in res.responses)
     cluster = None
     packages: dict[str, PackageSpec] = {}
@@ -124,6 +134,7 @@ async def read_snapshot(store: Store, keys: Keys) -> Snapshot:
             for spec in decode_bundle(kv):
                 packages[spec.name] = spec
     nodes = {keys.leaf(kv.key): decode(NodeRecord, kv) for kv in node_kvs}
+    members = {keys.leaf(kv.key): decode(MemberRecord, kv) for kv in member_kvs}
     owners: dict[str, str] = {}
     owner_revs: dict[str, int] = {}
     for kv in owner_kvs:
@@ -154,6 +165,7 @@ async def read_snapshot(store: Store, keys: Keys) -> Snapshot:
     return Snapshot(
         revision=res.revision,
         flags={n: frozenset(f) for n, f in flags.items()},
+        members=members,
         assignments=assignments,
         node_admin=node_admin,
         controller=controller,
