@@ -380,10 +380,13 @@ class _Planner:
         and the packages it excludes (``down``) gone from the node for real: released,
         not only planned away, nor waiting for room there. ``ignore``: excluded packages
         about to make room. ``soon``: where it could start once its ``up`` dependencies
-        placed in this plan run."""
+        placed in this plan run, or waiting to start on a node they reserved (so that
+        a chain of dependencies reserves its nodes a plan ahead)."""
         other = dep.package
         where = self.placed.get(other)
         if dep.condition == "up":
+            if where is None and soon:
+                where = self.reserved.get(other)
             if where is None or (starting and other in self.leaving):
                 return False
             if starting and not soon and self.running.get(other) != where:
