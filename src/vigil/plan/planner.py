@@ -247,6 +247,8 @@ class _Planner:
         self.reserved: dict[str, str] = {}  # waits for room there: no new exclusions
         self.late = False  # a package planned already was told to halt: plan again
         self.wake_at: float | None = None  # see Plan.wake_at
+        # min_package_node failbacks weighed in this pass: pkg -> (owner, nodes, kept)
+        self._balanced: dict[str, tuple[str, list[str], list[str]]] = {}
 
     def _wake(self, at: float) -> None:
         if self.wake_at is None or at < self.wake_at:
@@ -621,7 +623,9 @@ class _Planner:
             # Serviceguard: "failback cannot occur until the primary node is running
             # fewer packages than the current node" (else it undoes the balancing),
             # counted where the plan leaves them (see _fewer_packages)
-            better = self._fewer_packages(pkg, owner, better, self._expected)
+            kept = self._fewer_packages(pkg, owner, better, self._expected)
+            self._balanced[pkg] = (owner, better, kept)
+            better = kept
         if not better:
             return None, "", None, []
         cands, _ = self._candidates(pkg, better)
@@ -665,6 +669,21 @@ class _Planner:
             if where is not None and placed.get(q) == where:
                 load[where] -= 1
         return [n for n in nodes if load[n] <= load[owner]]
+
+    def balance_changed(self) -> bool:
+        """After planning without ``expected``: would a ``min_package_node`` failback
+        be decided otherwise with the packages where this plan leaves them?"""
+        if self._expected is not None or not self._balanced:
+            return False
+        placed = dict(self.placed)
+        self._expected_load = Counter(placed.values())
+        try:
+            return any(
+                self._fewer_packages(pkg, owner, nodes, placed) != kept
+                for pkg, (owner, nodes, kept) in self._balanced.items()
+            )
+        finally:
+            self._expected_load = Counter()
 
     def _followers(self, pkg: str) -> set[str]:
         """The packages that run where ``pkg`` runs (``up``, ``same_node``, transitively)."""
@@ -867,6 +886,8 @@ class _Planner:
         there, or moves there) and ``pkg`` may push D (``_pushes``), D is told to avoid
         that node: it moves to (or stays on) another one, and ``pkg`` starts there once
         D runs elsewhere. Returns D's name, or None."""
+        if self._candidates(pkg, eligible, soon=True)[0]:
+            return None  # it starts once its dependencies run: nothing to push
         for dep in spec.dependency:
             d = dep.package
             if not self._pushes(pkg, dep):
@@ -926,22 +947,12 @@ class _Planner:
 def plan(snap: Snapshot, now: float) -> Plan:
     """Where every configured package should run, and what changes, with reasons."""
     order = planning_order(snap.packages)
-    expected = None
-    if any(_balances(snap, pkg) for pkg in snap.owners):
-        # min_package_node failback counts packages where the plan leaves them: a
-        # first plan says where that is (see _Planner._fewer_packages)
-        expected = _passes(_Planner(snap, now), order).placed
-    p = _passes(_Planner(snap, now, expected), order)
+    p = _passes(_Planner(snap, now), order)
+    if p.balance_changed():
+        # min_package_node failback counts packages where the plan leaves them: plan
+        # again knowing where that is (see _Planner._fewer_packages)
+        p = _passes(_Planner(snap, now, dict(p.placed)), order)
     return Plan(assignments=p.assign, actions=p.actions, wake_at=p.wake_at)
-
-
-def _balances(snap: Snapshot, pkg: str) -> bool:
-    spec = snap.packages.get(pkg)
-    return (
-        spec is not None
-        and spec.failover_policy == "min_package_node"
-        and spec.failback_policy == "automatic"
-    )
 
 
 def _passes(p: _Planner, order: list[str]) -> _Planner:
