@@ -201,7 +201,13 @@ def start_reason_for(snap: Snapshot, pkg: str, node: str) -> StartReason:
 
 
 class _Planner:
-    def __init__(self, snap: Snapshot, now: float, expected: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        snap: Snapshot,
+        now: float,
+        expected: dict[str, str] | None = None,
+        no_push: frozenset[str] = frozenset(),
+    ) -> None:
         self.snap = snap
         self.now = now
         self.packages = snap.packages
@@ -226,11 +232,16 @@ class _Planner:
         # package -> nodes it must leave or not go to, and why: a more important
         # package needs it up on a *different* node (priority through different_node)
         self.avoid: dict[str, dict[str, str]] = {}
+        self._avoid_from: dict[str, list[tuple[str, str]]] = {}  # running a -> its entries
+        self.released: set[str] = set()  # running packages that turned out not to stay
         for a, node in self.running.items():
+            if a in no_push:
+                continue
             for dep in self.packages[a].dependency:
                 if self._pushes(a, dep):
                     why = f"more important package {a} needs it on another node than {node}"
                     self.avoid.setdefault(dep.package, {})[node] = why
+                    self._avoid_from.setdefault(a, []).append((dep.package, node))
         # where a first plan left every package (min_package_node failback), or None
         self._expected = expected
         self._expected_load = Counter(expected.values()) if expected else Counter()
@@ -880,6 +891,15 @@ class _Planner:
             if q != a and (q in self.held_by or self._wants_to_run(q))
         )
 
+    def keep_avoid(self, a: str, owner: str) -> None:
+        """After planning the held ``a``: if it does not stay where it runs, the nodes it
+        kept its ``different_node`` dependencies off must be free for them again:
+        ``plan`` plans again from scratch without them (no decision they caused stays)."""
+        entries = self._avoid_from.get(a)
+        if not entries or (self.assign[a].node == owner and a not in self.leaving):
+            return
+        self.released.add(a)
+
     def _push_away(self, pkg: str, spec: PackageSpec, eligible: list[str]) -> str | None:
         """``pkg`` cannot start anywhere: if only its ``up``, ``different_node``
         dependency D keeps it off a node (D runs there, or this plan just placed it
@@ -947,11 +967,15 @@ class _Planner:
 def plan(snap: Snapshot, now: float) -> Plan:
     """Where every configured package should run, and what changes, with reasons."""
     order = planning_order(snap.packages)
+    no_push: frozenset[str] = frozenset()
     p = _passes(_Planner(snap, now), order)
+    while p.released - no_push:  # see _Planner.keep_avoid
+        no_push |= p.released
+        p = _passes(_Planner(snap, now, no_push=no_push), order)
     if p.balance_changed():
         # min_package_node failback counts packages where the plan leaves them: plan
         # again knowing where that is (see _Planner._fewer_packages)
-        p = _passes(_Planner(snap, now, dict(p.placed)), order)
+        p = _passes(_Planner(snap, now, dict(p.placed), no_push), order)
     return Plan(assignments=p.assign, actions=p.actions, wake_at=p.wake_at)
 
 
@@ -965,6 +989,7 @@ def _passes(p: _Planner, order: list[str]) -> _Planner:
             owner = p.held_by.get(pkg)
             if owner is not None:
                 p.held(pkg, owner)
+                p.keep_avoid(pkg, owner)
             else:
                 p.free(pkg)
             p.planned.add(pkg)
