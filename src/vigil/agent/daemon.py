@@ -40,7 +40,9 @@ def setup_logging(node: str, level: str) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)  # one line per request is noise
 
 
-async def run_agent(config_dir: Path, node: str, state_dir: Path | None) -> int:
+async def run_agent(
+    config_dir: Path, node: str, state_dir: Path | None, cgroup_root: Path | None = None
+) -> int:
     cluster = load_cluster(config_dir)
     store = open_store(cluster.store)
     # Renewals must reach a live member well within the fencing bound: a member that
@@ -58,6 +60,7 @@ async def run_agent(config_dir: Path, node: str, state_dir: Path | None) -> int:
         state_dir=state_dir or Path(cluster.state_dir) / node,
         config_dir=str(config_dir),
         lease_store=lease_store,
+        cgroup_root=cgroup_root,
     )
     try:
         await agent.run(stop)
@@ -85,8 +88,22 @@ async def run_agent(config_dir: Path, node: str, state_dir: Path | None) -> int:
     default=None,
     help="Local state and logs (default: cluster state_dir/NODE).",
 )
+@click.option(
+    "--cgroup-root",
+    envvar="VIGIL_CGROUP_ROOT",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="cgroup v2 directory under which CLUSTER/NODE/PACKAGE cgroups are made "
+    "(default: the cgroup2 mount's vigil/).",
+)
 @click.option("--log-level", default="info", show_default=True)
-def main(node: str | None, config_dir: Path, state_dir: Path | None, log_level: str) -> None:
+def main(
+    node: str | None,
+    config_dir: Path,
+    state_dir: Path | None,
+    cgroup_root: Path | None,
+    log_level: str,
+) -> None:
     """Run the vigil agent of one node."""
     node = node or socket.gethostname().split(".")[0]
     if not NAME_RE.match(node):
@@ -98,7 +115,7 @@ def main(node: str | None, config_dir: Path, state_dir: Path | None, log_level: 
         sys.exit(2)
     setup_logging(node, log_level)
     try:
-        code = asyncio.run(run_agent(config_dir.resolve(), node, state_dir))
+        code = asyncio.run(run_agent(config_dir.resolve(), node, state_dir, cgroup_root))
     except VigilError as exc:
         logging.getLogger("vigil.agent").error("%s", exc)
         click.echo(f"vigild: {exc}", err=True)

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING, Any
 
 from vigil.errors import StoreUnavailable
 from vigil.store.base import (
@@ -30,8 +31,25 @@ from vigil.store.base import (
     WatchEvent,
     prefix_end,
 )
-from vigil.store.memory import MemoryStore
-from vigil.store.sqlite import SQLiteStore
+
+if TYPE_CHECKING:
+    from vigil.store.memory import MemoryStore
+    from vigil.store.sqlite import SQLiteStore
+
+
+def __getattr__(name: str) -> Any:
+    """The backends are imported when first used, so that a small process that only
+    needs :mod:`vigil.store.revoke` (the sentinel) does not load them."""
+    if name == "MemoryStore":
+        from vigil.store.memory import MemoryStore
+
+        return MemoryStore
+    if name == "SQLiteStore":
+        from vigil.store.sqlite import SQLiteStore
+
+        return SQLiteStore
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "Compare",
@@ -80,8 +98,12 @@ def open_store(url: str, *, timeout: float | None = None) -> Store:
         path = url.removeprefix("sqlite://")
         if not path.startswith("/"):
             raise StoreUnavailable(f"store url {url!r}: the path must be absolute; {_EXPECTED}")
+        from vigil.store.sqlite import SQLiteStore
+
         return SQLiteStore(path)
     if url == "memory://":
+        from vigil.store.memory import MemoryStore
+
         return MemoryStore()
     if url.startswith("etcd://"):
         from vigil.store.etcd import EtcdStore  # httpx is imported only for etcd
