@@ -161,6 +161,8 @@ class LabCluster:
         env["VIGIL_CONFIG"] = str(self.config)
         if self.broken == "nofence":
             env["VIGIL_TEST_DISABLE_FENCING"] = "1"
+        if self.broken == "nocontain":
+            env["VIGIL_TEST_DISABLE_CONTAINMENT"] = "1"
         return env
 
     # -- etcd -------------------------------------------------------------------
