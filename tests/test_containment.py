@@ -106,12 +106,8 @@ def escaping_package(c: LocalCluster, kind: str, marker: str, halt_timeout: str 
 
 
 @pytest.fixture
-def c(tmp_path: Path) -> Iterator[LocalCluster]:
-    cluster = LocalCluster(tmp_path, ["n1"], node_timeout="2s")
-    try:
-        yield cluster
-    finally:
-        cluster.close()
+def c(n1: LocalCluster) -> LocalCluster:
+    return n1
 
 
 def start_escaping(c: LocalCluster, kind: str, marker: str) -> list[int]:

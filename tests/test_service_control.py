@@ -15,7 +15,6 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,13 +27,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def c(tmp_path: Path) -> Iterator[LocalCluster]:
-    cluster = LocalCluster(tmp_path, ["n1"], node_timeout="2s")
-    try:
-        yield cluster
-    finally:
-        cluster.close()
-        assert "Traceback" not in cluster.agent_log("n1"), cluster.agent_log("n1")
+def c(n1: LocalCluster) -> LocalCluster:
+    return n1
 
 
 def pkg_log(c: LocalCluster, pkg: str) -> str:
