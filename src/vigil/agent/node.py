@@ -170,11 +170,12 @@ class Agent:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         state_file = self.state_dir / "processes.json"
-        containment = self._open_containment()
-        killed = cleanup_leftovers(state_file)
+        # These may wait (for the lock, for killed processes to go): not on the loop.
+        containment = await asyncio.to_thread(self._open_containment)
+        killed = await asyncio.to_thread(cleanup_leftovers, state_file)
         if killed:
             log.warning("killed %d leftover process group(s) of a previous agent", len(killed))
-        found = containment.cleanup_leftovers()
+        found = await asyncio.to_thread(containment.cleanup_leftovers)
         if found:
             log.warning("killed %d leftover process(es) in this node's cgroups", found)
         self.registry = ProcessRegistry.start(
