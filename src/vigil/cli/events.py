@@ -8,6 +8,7 @@ import sys
 import click
 
 from vigil.cli.context import CliContext
+from vigil.cli.params import NAME
 from vigil.cli.render import clock, console, styled
 from vigil.errors import Compacted
 from vigil.keys import Keys
@@ -29,7 +30,7 @@ def _show(ev: Event, as_json: bool) -> None:
 
 @click.command()
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new events.")
-@click.option("-p", "--package", "pkg", default=None, help="Only this package's events.")
+@click.option("-p", "--package", "pkg", type=NAME, default=None, help="Only this package's events.")
 @click.option("-n", "--last", "last", default=50, show_default=True, type=click.IntRange(min=0))
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 @click.pass_obj
