@@ -13,7 +13,7 @@ from vigil.cli.render import clock, console, styled
 from vigil.errors import Compacted
 from vigil.keys import Keys
 from vigil.model import Event
-from vigil.snapshot import decode
+from vigil.snapshot import decode_all
 from vigil.store import EventType, KeyValue, Store
 
 
@@ -39,7 +39,7 @@ def events(obj: CliContext, follow: bool, pkg: str | None, last: int, as_json: b
 
     async def go(store: Store, keys: Keys) -> None:
         kvs, rev = await store.range(keys.events)
-        shown = [e for e in (decode(Event, kv) for kv in kvs) if pkg is None or e.package == pkg]
+        shown = [e for _, e in decode_all(Event, kvs) if pkg is None or e.package == pkg]
         for ev in shown[-last:] if last else []:
             _show(ev, as_json)
         while follow:
@@ -48,9 +48,9 @@ def events(obj: CliContext, follow: bool, pkg: str | None, last: int, as_json: b
                     rev = w.revision
                     if w.type is EventType.PUT:
                         kv = KeyValue(w.key, w.value, w.create_revision, w.revision, w.version)
-                        ev = decode(Event, kv)
-                        if pkg is None or ev.package == pkg:
-                            _show(ev, as_json)
+                        for _, ev in decode_all(Event, [kv]):
+                            if pkg is None or ev.package == pkg:
+                                _show(ev, as_json)
             except Compacted:
                 _, rev = await store.range(keys.events + "\x00")
 
