@@ -49,6 +49,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from vigil.errors import ConfigError, one_line
+from vigil.store.url import EXPECTED as STORE_URL_EXPECTED
 from vigil.store.url import parse_store_url
 
 NAME_PATTERN = "[a-z0-9][a-z0-9_.-]{0,62}"
@@ -403,8 +404,8 @@ class ClusterSpec(_Spec):
         kind, _ = parse_store_url(v)  # ValueError naming what is wrong
         if kind == "memory" and info.context and info.context.get("file"):
             raise ValueError(
-                "memory:// keeps the cluster inside one process, so nothing would be kept "
-                'between commands; expected "sqlite:///ABSOLUTE/PATH" or "etcd://HOST:PORT"'
+                f"{STORE_URL_EXPECTED}, got 'memory://' (it keeps the cluster inside one "
+                "process: nothing would be kept between commands)"
             )
         return v
 
@@ -598,7 +599,7 @@ class ConfigTree:
     cluster: ClusterSpec
     packages: dict[str, PackageSpec]
     files: dict[str, Path] = field(default_factory=dict)  # package name -> its file
-    # packages whose file has an error (by name, or file stem): not reported again
+    # packages whose file has an error (its name and file stem): not reported again
     # as missing by the files that depend on them
     unreadable: set[str] = field(default_factory=set)
 
@@ -641,6 +642,11 @@ def load_tree(config_dir: Path, report: CheckReport) -> ConfigTree | None:
         return None
     cluster: ClusterSpec | None = None
     cpath = config_dir / "cluster.toml"
+    if not os.path.lexists(cpath):  # one cause, one line
+        report.errors.append(
+            ConfigError(str(config_dir), "not a configuration directory (it has no cluster.toml)")
+        )
+        return None
     try:
         cluster = validate_file(ClusterSpec, _read_toml(cpath, str(cpath)))
     except ValidationError as exc:
@@ -661,7 +667,7 @@ def load_tree(config_dir: Path, report: CheckReport) -> ConfigTree | None:
             else:
                 report.errors.append(exc)
             name = data.get("name")
-            unreadable.add(name if isinstance(name, str) else path.stem)
+            unreadable |= {path.stem, name} if isinstance(name, str) else {path.stem}
             continue
         spec = _resolve_paths(spec, config_dir)
         if spec.name in packages:

@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from vigil.agent.node import Agent
+from vigil.cli.params import SafePath
 from vigil.config import check_name, load_cluster
 from vigil.errors import ConfigError, UsageError, one_line
 from vigil.store import open_store
@@ -96,12 +97,12 @@ def prepare_state_dir(path: Path) -> Path:
     envvar="VIGIL_CONFIG",
     default="/etc/vigil",
     show_default=True,
-    type=click.Path(file_okay=False, path_type=Path),
+    type=SafePath(file_okay=False, path_type=Path),
     help="Directory holding cluster.toml.",
 )
 @click.option(
     "--state-dir",
-    type=click.Path(file_okay=False, path_type=Path),
+    type=SafePath(file_okay=False, path_type=Path),
     default=None,
     help="Local state and logs (default: cluster state_dir/NODE).",
 )

@@ -20,7 +20,7 @@ import click
 
 from vigil import flags, hooks
 from vigil.cli.context import CliContext
-from vigil.cli.params import SECONDS
+from vigil.cli.params import SECONDS, SafePath
 from vigil.config import CheckReport, ConfigTree, load_tree
 from vigil.errors import ConfigError, Conflict, VigilError, one_line
 from vigil.keys import Keys
@@ -113,7 +113,7 @@ def _dir_arg(obj: CliContext, directory: Path | None) -> Path:
 
 
 @click.command()
-@click.argument("directory", required=False, type=click.Path(path_type=Path))
+@click.argument("directory", required=False, type=SafePath(path_type=Path))
 @click.option("--all", "every", is_flag=True, help="Every error (default: the first of each file).")
 @click.pass_obj
 def check(obj: CliContext, directory: Path | None, every: bool) -> None:
@@ -217,7 +217,7 @@ async def apply_locked(
 
 
 @click.command()
-@click.argument("directory", required=False, type=click.Path(path_type=Path))
+@click.argument("directory", required=False, type=SafePath(path_type=Path))
 @click.option("--lock-timeout", type=SECONDS, default=120.0, show_default=True,
               help="Seconds to wait for the admin lock.")  # fmt: skip
 @click.pass_obj

@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from vigil.cli.context import CliContext
-from vigil.cli.params import NAME
+from vigil.cli.params import NAME, SafePath
 from vigil.errors import BUG_HINT, INTERNAL_ERROR, VigilError, one_line
 
 # Every command, and where it lives: a command's module (and what it imports: the
@@ -58,7 +58,7 @@ class LazyGroup(click.Group):
     envvar="VIGIL_CONFIG",
     default="/etc/vigil",
     show_default=True,
-    type=click.Path(file_okay=False, path_type=Path),
+    type=SafePath(file_okay=False, path_type=Path),
     help="Cluster configuration directory (cluster.toml, packages/).",
 )
 @click.option(

@@ -2,6 +2,7 @@
 
 - ``SECONDS``: a finite number of seconds from 0 to ``MAX_DURATION`` (``nan``, ``inf``
   and ``1e308`` are refused: a deadline that never passes would wait forever);
+- ``SafePath``: ``click.Path`` without NUL;
 - ``NAME``: a package or node name, exactly (no trailing newline, no control character);
 - ``live_pid``: a PID that names a live process here that a lock can belong to.
 """
@@ -9,12 +10,14 @@
 from __future__ import annotations
 
 import math
+import os
+from typing import Any
 
 import click
 
-from vigil import locks
 from vigil.config import MAX_DURATION, check_name, format_duration
 from vigil.errors import UsageError
+from vigil.supervise import procfs
 
 
 class Seconds(click.ParamType):
@@ -44,8 +47,6 @@ class Seconds(click.ParamType):
 
 SECONDS = Seconds()
 
-PF_KTHREAD = 0x00200000  # /proc/PID/stat flags: a kernel thread
-
 
 def live_pid(pid: int) -> int:
     """``pid`` if a lock may belong to it: a live process in this PID namespace that
@@ -57,20 +58,12 @@ def live_pid(pid: int) -> int:
             "lock would let every process through and never be released; give the PID "
             "of the script that holds the lock"
         )
-    flags = _stat_flags(pid)
-    if flags is None or locks.pid_start(pid) is None:
+    st = procfs.read_stat(pid)
+    if st is None or st.dead:
         raise UsageError(f"--pid {pid}: no such process here (it has ended or never ran)")
-    if flags & PF_KTHREAD:
+    if st.session == 0:  # kernel threads have no session
         raise UsageError(f"--pid {pid}: a kernel thread, which never ends; give a process")
     return pid
-
-
-def _stat_flags(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[6])
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 class Name(click.ParamType):
@@ -88,3 +81,12 @@ class Name(click.ParamType):
 
 
 NAME = Name()
+
+
+class SafePath(click.Path):
+    """``click.Path`` that refuses NUL (no system call can take it) in one line."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, str | bytes) and "\0" in os.fsdecode(value):
+            self.fail("NUL (\\u0000) is not allowed in a path", param, ctx)
+        return super().convert(value, param, ctx)

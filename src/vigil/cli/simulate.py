@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from vigil.cli.context import CliContext
-from vigil.cli.params import NAME
+from vigil.cli.params import NAME, SafePath
 from vigil.cli.render import console, print_json, styled, table
 from vigil.errors import NotFound, UsageError, one_line
 from vigil.keys import Keys
@@ -42,9 +42,9 @@ def _known_nodes(snap: Snapshot) -> set[str]:
 @click.option(
     "--node-returns", "node_back", type=NAME, multiple=True, metavar="NODE", help="NODE comes back."
 )
-@click.option("--from", "source", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+@click.option("--from", "source", type=SafePath(exists=True, dir_okay=False, path_type=Path),
               help="Plan from a saved snapshot instead of the live cluster.")  # fmt: skip
-@click.option("--save", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--save", type=SafePath(dir_okay=False, path_type=Path),
               help="Save the live snapshot to this file (for --from later).")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj

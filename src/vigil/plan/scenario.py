@@ -324,7 +324,17 @@ _BARE = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
 def _key(k: str) -> str:
-    return k if _BARE.match(k) else json.dumps(k, ensure_ascii=False)
+    return k if _BARE.match(k) else _string(k)
+
+
+def _string(v: str) -> str:
+    # JSON's escapes are TOML's, but TOML also wants DEL escaped
+    return json.dumps(v, ensure_ascii=False).replace("\x7f", "\\u007f")
+
+
+def write_toml(table: Mapping[str, Any]) -> str:
+    """``table`` as TOML text: one ``key = value`` line per key (tables inline)."""
+    return "".join(f"{line}\n" for line in _pairs(table))
 
 
 def _pairs(table: Mapping[str, Any]) -> list[str]:
@@ -344,7 +354,7 @@ def _value(v: Any, *, inline: bool = False) -> str:
             return "inf" if v > 0 else "-inf"
         return repr(v)
     if isinstance(v, str):
-        return json.dumps(v, ensure_ascii=False)
+        return _string(v)
     if isinstance(v, list | tuple):
         items = [_value(x, inline=inline) for x in v]
         if not inline and sum(len(x) for x in items) > 80 and len(items) > 1:
