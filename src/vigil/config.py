@@ -28,6 +28,8 @@ import ipaddress
 import math
 import os
 import re
+import resource
+import signal
 import stat
 import tomllib
 from collections.abc import Iterable, Mapping
@@ -211,6 +213,108 @@ def _nul_at(value: object) -> str | None:
     return None
 
 
+def _stop_signal(v: object) -> str:
+    """``stop_signal``: a signal name as systemd's ``KillSignal=`` takes it
+    (``"SIGTERM"``, ``"TERM"``, ``"sigint"``) → ``"SIGTERM"``."""
+    if isinstance(v, str):
+        name = v.strip().upper()
+        name = name if name.startswith("SIG") else "SIG" + name
+        if name in signal.Signals.__members__ and name not in ("SIGSTOP", "SIGCHLD"):
+            return name
+    raise ValueError(f'expected a signal name like "SIGTERM", "SIGINT" or "SIGQUIT", got {v!r}')
+
+
+StopSignal = Annotated[str, BeforeValidator(_stop_signal)]
+
+
+def _umask(v: object) -> int:
+    """``umask``: octal digits in a string, ``"0027"`` (systemd's ``UMask=``), or a TOML
+    octal integer ``0o027``."""
+    if isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 0o777:
+        return v
+    if isinstance(v, str) and re.fullmatch(r"[0-7]{3,4}", v):
+        return int(v, 8)
+    raise ValueError(f'expected an octal umask like "0027", got {v!r}')
+
+
+Umask = Annotated[int, BeforeValidator(_umask), PlainSerializer(lambda v: f"{v:04o}")]
+
+_RLIM_INF = resource.RLIM_INFINITY
+
+
+def _rlimit_value(v: object, whole: object) -> int:
+    if isinstance(v, int) and not isinstance(v, bool) and v >= 0:
+        return v
+    if isinstance(v, str) and v.strip().isdigit():
+        return int(v)
+    if isinstance(v, str) and v.strip() == "infinity":
+        return _RLIM_INF
+    raise ValueError(
+        f'expected a non-negative integer, "infinity" or "SOFT:HARD" (systemd\'s Limit*=), got {whole!r}'
+    )
+
+
+def _rlimit(v: object) -> tuple[int, int]:
+    """``limit_nofile = 65536`` (soft and hard), ``"infinity"`` or ``"1024:65536"``."""
+    if isinstance(v, str) and ":" in v:
+        soft_s, hard_s = v.split(":", 1)
+        soft, hard = _rlimit_value(soft_s, v), _rlimit_value(hard_s, v)
+    elif isinstance(v, list | tuple) and len(v) == 2:
+        soft, hard = _rlimit_value(v[0], v), _rlimit_value(v[1], v)
+    else:
+        soft = hard = _rlimit_value(v, v)
+    if hard != _RLIM_INF and (soft == _RLIM_INF or soft > hard):
+        raise ValueError(f"the soft limit must not exceed the hard limit, got {v!r}")
+    return soft, hard
+
+
+def _fmt_rlimit(v: tuple[int, int]) -> str:
+    def one(x: int) -> str:
+        return "infinity" if x == _RLIM_INF else str(x)
+
+    return one(v[0]) if v[0] == v[1] else f"{one(v[0])}:{one(v[1])}"
+
+
+Rlimit = Annotated[tuple[int, int], BeforeValidator(_rlimit), PlainSerializer(_fmt_rlimit)]
+
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMG]?)B?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
+
+
+def _size(v: object) -> int:
+    """``"10M"`` → 10485760 bytes (K, M, G are powers of 1024); an integer is bytes."""
+    if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+        return v
+    if isinstance(v, str):
+        m = _SIZE_RE.match(v)
+        if m and int(m.group(1)) > 0:
+            return int(m.group(1)) * _SIZE_UNITS[m.group(2).upper()]
+    raise ValueError(f'expected a size like "10M", "512K" or a number of bytes, got {v!r}')
+
+
+ByteSize = Annotated[int, BeforeValidator(_size)]
+
+#: The resource limits a service may set: ``limit_NAME``, as systemd's ``LimitNAME=``.
+RLIMIT_NAMES = (
+    "cpu",
+    "fsize",
+    "data",
+    "stack",
+    "core",
+    "rss",
+    "nproc",
+    "nofile",
+    "memlock",
+    "as",
+    "locks",
+    "sigpending",
+    "msgqueue",
+    "nice",
+    "rtprio",
+    "rttime",
+)
+
+
 class _Spec(BaseModel):
     """Base of every configuration model: frozen, unknown keys refused, and no string
     anywhere in it may hold NUL. Types are strict where input crosses a boundary
@@ -264,15 +368,67 @@ class AddressSpec(_Spec):
 
 
 class ServiceSpec(_Spec):
+    """``[[service]]``: one supervised process (and everything it forks, in its own
+    cgroup). Stop control, identity and limits use systemd's names: ``type``
+    (``Type=simple|forking``), ``pid_file`` (``PIDFile=``), ``stop_signal``
+    (``KillSignal=``), ``kill_mode`` (``KillMode=``), ``user``/``group``, ``umask``,
+    ``limit_*`` (``Limit*=``)."""
+
     name: Name
     command: Argv
+    type: Literal["simple", "forking"] = "simple"
+    pid_file: str | None = None
+    start_timeout: Duration = 30.0
     restart: RestartBudget = 0
     restart_window: OptWindow = None
     restart_delay: Duration = 0.0
     halt_timeout: Duration = 10.0
+    stop_signal: StopSignal = "SIGTERM"
+    kill_mode: Literal["control-group", "mixed", "process"] = "control-group"
     fail_fast: bool = False
     user: str | None = None
+    group: str | None = None
+    umask: Umask | None = None
     cwd: str | None = None
+    limit_cpu: Rlimit | None = None
+    limit_fsize: Rlimit | None = None
+    limit_data: Rlimit | None = None
+    limit_stack: Rlimit | None = None
+    limit_core: Rlimit | None = None
+    limit_rss: Rlimit | None = None
+    limit_nproc: Rlimit | None = None
+    limit_nofile: Rlimit | None = None
+    limit_memlock: Rlimit | None = None
+    limit_as: Rlimit | None = None
+    limit_locks: Rlimit | None = None
+    limit_sigpending: Rlimit | None = None
+    limit_msgqueue: Rlimit | None = None
+    limit_nice: Rlimit | None = None
+    limit_rtprio: Rlimit | None = None
+    limit_rttime: Rlimit | None = None
+
+    @model_validator(mode="after")
+    def _forking(self) -> ServiceSpec:
+        if self.type == "forking" and self.pid_file is None:
+            raise ValueError('type "forking" needs pid_file: where the daemon writes its PID')
+        if self.type != "forking" and self.pid_file is not None:
+            raise ValueError('pid_file is only for type = "forking"')
+        if self.pid_file is not None and not os.path.isabs(self.pid_file):
+            raise ValueError(f"pid_file: expected an absolute path, got {self.pid_file!r}")
+        return self
+
+    def limits(self) -> dict[str, tuple[int, int]]:
+        """The resource limits set: name (``"nofile"``) -> (soft, hard)."""
+        out = {}
+        for name in RLIMIT_NAMES:
+            value = getattr(self, f"limit_{name}")
+            if value is not None:
+                out[name] = value
+        return out
+
+    @property
+    def stop_signum(self) -> int:
+        return int(signal.Signals[self.stop_signal])
 
 
 class MonitorSpec(_Spec):
@@ -302,6 +458,9 @@ class PackageSpec(_Spec):
     successor_halt_timeout: OptTimeout = 300.0
     restart_limit: Annotated[int, Field(ge=0)] = 3
     restart_window: Window = 600.0
+    halt_timeout: Duration = 10.0
+    log_max_size: ByteSize = 10 * 1024 * 1024
+    log_keep: Annotated[int, Field(ge=0, le=100)] = 5
     node_fail_fast: bool = False
     env: dict[str, str] = Field(default_factory=dict)
     external_pre_script: list[ScriptRef] = Field(default_factory=list)
@@ -776,7 +935,9 @@ def _check_semantics(tree: ConfigTree, report: CheckReport) -> None:
                             f"expected a node listed in cluster.toml nodes, got {node!r}",
                         )
                     )
-        for svc in spec.service:
+        for j, svc in enumerate(spec.service):
+            for key, problem in service_problems(svc):
+                report.errors.append(ConfigError(f"{where}: service[{j}].{key}", problem))
             if svc.restart is None and svc.restart_delay == 0:
                 report.warnings.append(
                     f"{where}: service {svc.name!r} restarts without limit and without "
@@ -801,6 +962,30 @@ def _check_semantics(tree: ConfigTree, report: CheckReport) -> None:
                 "dependency cycle: " + " -> ".join([*cycle, first]),
             )
         )
+
+
+def service_problems(svc: ServiceSpec) -> list[tuple[str, str]]:
+    """What keeps ``svc`` from running on the host this runs on: an unknown user or
+    group, a missing working directory. ``(key, problem)`` pairs; empty if none."""
+    import grp
+    import pwd
+    import socket
+
+    here = f"on this node ({socket.gethostname()})"
+    out = []
+    if svc.user is not None:
+        try:
+            pwd.getpwuid(int(svc.user)) if svc.user.isdigit() else pwd.getpwnam(svc.user)
+        except (KeyError, ValueError):
+            out.append(("user", f"no user {svc.user!r} {here}"))
+    if svc.group is not None:
+        try:
+            grp.getgrgid(int(svc.group)) if svc.group.isdigit() else grp.getgrnam(svc.group)
+        except (KeyError, ValueError):
+            out.append(("group", f"no group {svc.group!r} {here}"))
+    if svc.cwd is not None and not os.path.isdir(svc.cwd):
+        out.append(("cwd", f"working directory {svc.cwd} does not exist {here}"))
+    return out
 
 
 def script_problem(path: str) -> str | None:

@@ -3,7 +3,8 @@
 This is the shape of ``vigil status --json`` (CONCEPTS §9)::
 
     {"cluster": NAME, "revision": INT,
-     "nodes": {NAME: {"state": "up"|"down"|"halted", "pid": INT|null}},
+     "nodes": {NAME: {"state": "up"|"down"|"halted", "pid": INT|null,
+                      "containment": "cgroup"|"process-group"|null}},
      "packages": {NAME: {"state": ..., "node": NAME|null, "auto_run": bool,
                          "halt_reason": ..., "degraded": bool, ...,
                          "services": {NAME: {"pid": INT|null, "restarts": INT}}}},
@@ -64,6 +65,7 @@ def cluster_view(snap: Snapshot) -> dict[str, Any]:
         nodes[name] = {
             "state": node_state.value,
             "pid": rec.pid if rec else None,
+            "containment": rec.containment if rec else None,
             "packages": sorted(p for p, n in snap.owners.items() if n == name),
             "controller": snap.controller == name,
             "flags": sorted(snap.flags.get(name, ())),

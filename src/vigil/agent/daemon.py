@@ -42,7 +42,9 @@ def setup_logging(node: str, level: str) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)  # one line per request is noise
 
 
-async def run_agent(config_dir: Path, node: str, state_dir: Path) -> int:
+async def run_agent(
+    config_dir: Path, node: str, state_dir: Path, cgroup_root: Path | None = None
+) -> int:
     cluster = load_cluster(config_dir)
     store = open_store(cluster.store)
     # Renewals must reach a live member well within the fencing bound: a member that
@@ -60,6 +62,7 @@ async def run_agent(config_dir: Path, node: str, state_dir: Path) -> int:
         state_dir=state_dir,
         config_dir=str(config_dir),
         lease_store=lease_store,
+        cgroup_root=cgroup_root,
     )
     try:
         await agent.run(stop)
@@ -107,12 +110,26 @@ def prepare_state_dir(path: Path) -> Path:
     help="Local state and logs (default: cluster state_dir/NODE).",
 )
 @click.option(
+    "--cgroup-root",
+    envvar="VIGIL_CGROUP_ROOT",
+    type=SafePath(file_okay=False, path_type=Path),
+    default=None,
+    help="cgroup v2 directory under which CLUSTER/NODE/PACKAGE cgroups are made "
+    "(default: the cgroup2 mount's vigil/).",
+)
+@click.option(
     "--log-level",
     default="info",
     show_default=True,
     type=click.Choice(LOG_LEVELS, case_sensitive=False),
 )
-def command(node: str | None, config_dir: Path, state_dir: Path | None, log_level: str) -> int:
+def command(
+    node: str | None,
+    config_dir: Path,
+    state_dir: Path | None,
+    cgroup_root: Path | None,
+    log_level: str,
+) -> int:
     """Run the vigil agent of one node."""
     node = node or socket.gethostname().split(".")[0]
     try:
@@ -124,7 +141,7 @@ def command(node: str | None, config_dir: Path, state_dir: Path | None, log_leve
     state = prepare_state_dir(state_dir or Path(cluster.state_dir) / node)
     setup_logging(node, log_level)
     try:
-        return asyncio.run(run_agent(config_dir, node, state))
+        return asyncio.run(run_agent(config_dir, node, state, cgroup_root))
     except KeyboardInterrupt:
         return 0
 

@@ -52,7 +52,17 @@ def render(view: dict[str, Any], verbose: bool) -> None:
         cols.append("FLAGS")
         for row, n in zip(rows, view["nodes"].values(), strict=True):
             row.append(escape(" ".join(n["flags"])) or "-")
+    weak = [name for name, n in view["nodes"].items() if n.get("containment") == "process-group"]
+    if weak:
+        cols.append("CONTAINMENT")
+        for row, n in zip(rows, view["nodes"].values(), strict=True):
+            row.append(n.get("containment") or "-")
     console.print(table(None, cols, rows) if rows else "no nodes")
+    if weak:
+        console.print(
+            f"[yellow]note:[/yellow] {', '.join(weak)}: process groups only (no cgroup v2): "
+            "a process that leaves its process group escapes halt and fencing"
+        )
     console.print()
     prow = []
     for name, p in view["packages"].items():

@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from vigil.errors import StoreUnavailable
 from vigil.store.base import (
     Compare,
@@ -28,9 +30,26 @@ from vigil.store.base import (
     WatchEvent,
     prefix_end,
 )
-from vigil.store.memory import MemoryStore
-from vigil.store.sqlite import SQLiteStore
 from vigil.store.url import EXPECTED, StoreUrlError, parse_store_url
+
+if TYPE_CHECKING:
+    from vigil.store.memory import MemoryStore
+    from vigil.store.sqlite import SQLiteStore
+
+
+def __getattr__(name: str) -> Any:
+    """The backends are imported when first used, so that a small process that only
+    needs :mod:`vigil.store.revoke` (the sentinel) does not load them."""
+    if name == "MemoryStore":
+        from vigil.store.memory import MemoryStore
+
+        return MemoryStore
+    if name == "SQLiteStore":
+        from vigil.store.sqlite import SQLiteStore
+
+        return SQLiteStore
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "Compare",
@@ -65,8 +84,12 @@ def open_store(url: str, *, timeout: float | None = None) -> Store:
     except StoreUrlError as exc:
         raise StoreUnavailable(f"store url {url!r}: {exc.problem}; {EXPECTED}") from None
     if kind == "sqlite":
+        from vigil.store.sqlite import SQLiteStore
+
         return SQLiteStore(where[0])
     if kind == "memory":
+        from vigil.store.memory import MemoryStore
+
         return MemoryStore()
     from vigil.store.etcd import EtcdStore  # httpx is imported only for etcd
 

@@ -63,6 +63,7 @@ from vigil.store.base import (
 )
 from vigil.store.inotify import DirWatch
 from vigil.store.memory import check_ops
+from vigil.store.revoke import revoke_locked
 
 __all__ = ["SCHEMA_VERSION", "SQLiteStore"]
 
@@ -612,20 +613,7 @@ class SQLiteStore:
     @staticmethod
     def _revoke_locked(conn: sqlite3.Connection, lease_id: int, rev: int) -> int:
         """Delete the lease and its keys (one revision if there were keys)."""
-        conn.execute("DELETE FROM leases WHERE id = ?", (lease_id,))
-        keys = conn.execute(
-            "SELECT key FROM kv WHERE lease = ? ORDER BY key", (lease_id,)
-        ).fetchall()
-        if not keys:
-            return rev
-        rev += 1
-        conn.execute("DELETE FROM kv WHERE lease = ?", (lease_id,))
-        conn.executemany(
-            "INSERT INTO history (rev, key, type, value, create_rev, version, lease)"
-            " VALUES (?, ?, 'delete', x'', 0, 0, 0)",
-            [(rev, key) for (key,) in keys],
-        )
-        return rev
+        return revoke_locked(conn, lease_id, rev)
 
     @staticmethod
     def _row_kv(row: tuple[Any, ...]) -> KeyValue:

@@ -1,0 +1,301 @@
+"""Containment: where a node's package processes live, and how all of them are stopped.
+
+vigil promises that nothing a package started outlives its halt, its node's fence or
+its agent's death. With **cgroup v2** (the default wherever the hierarchy can be
+written, as root on any modern Linux) the kernel keeps that promise: every process a
+package starts is born in the package's cgroup and cannot leave it (see
+:mod:`vigil.supervise.cgroup` for the layout). Where cgroups cannot be used (not root,
+a container without a delegated hierarchy) vigil falls back to **process groups**,
+as before: a process that calls ``setsid`` or double-forks escapes them. The agent
+says which once in its log, and ``vigil status`` shows it per node
+(``"containment": "cgroup"`` or ``"process-group"``).
+
+* :class:`NodeContainment` — one per agent. It owns ``ROOT/CLUSTER/NODE`` and holds an
+  exclusive ``flock`` on it for as long as the agent *or its sentinel* lives (the
+  sentinel inherits the same open file), so a second agent for the same node on the
+  same host, or a restarted agent whose predecessor's sentinel is still cleaning up,
+  waits instead of killing what is not yet its own.
+* :class:`PackageScope` — one per package this node runs: its service leaves, its
+  ``run`` leaf for scripts, monitors and hooks, and :meth:`PackageScope.sweep`, the
+  last step of every halt (signal what is left, wait, ``cgroup.kill``).
+
+This module imports only the standard library and vigil's stdlib-only modules.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import fcntl
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from vigil.supervise.cgroup import (
+    DEFAULT_SUBTREE,
+    RUN_LEAF,
+    SERVICE_PREFIX,
+    Cgroup,
+    find_hierarchy,
+    own_cgroup,
+)
+
+if TYPE_CHECKING:
+    from vigil.supervise.spawner import Child
+
+log = logging.getLogger(__name__)
+
+#: How long SIGKILLed processes get to disappear before they count as survivors.
+KILL_WAIT = 2.0
+#: How long a starting agent waits for the node's lock (a previous agent's sentinel
+#: finishing its clean-up) before it gives up.
+LOCK_WAIT = 15.0
+LOCK_FILE = "agent.lock"
+
+
+class Mode(enum.StrEnum):
+    CGROUP = "cgroup"
+    PROCESS_GROUP = "process-group"
+
+
+class NodeLocked(Exception):
+    """Another agent (or its sentinel) holds this node's containment on this host."""
+
+
+@dataclass
+class NodeContainment:
+    """A node's containment: its mode, its cgroup (cgroup mode) and its lock.
+
+    ``lock_fd`` is the open, ``flock``ed directory (cgroup mode) or lock file; pass it
+    to the sentinel so that the lock lives until both are gone.
+    """
+
+    mode: Mode
+    node_cgroup: Cgroup | None
+    lock_fd: int | None
+    reason: str = ""
+
+    # ----------------------------------------------------------------- opening
+
+    @classmethod
+    def open(
+        cls,
+        cluster: str,
+        node: str,
+        *,
+        state_dir: Path,
+        root: Path | None = None,
+        disabled: bool = False,
+        lock_wait: float = LOCK_WAIT,
+    ) -> NodeContainment:
+        """Set up the node's containment and take its lock.
+
+        ``root``: the directory under which ``CLUSTER/NODE`` is made (default: the
+        cgroup2 hierarchy's ``vigil``). ``disabled``: process groups only. Raises
+        :class:`NodeLocked` if the lock is still held after ``lock_wait`` s.
+        """
+        reason = "turned off" if disabled else ""
+        node_cg: Cgroup | None = None
+        if not disabled:
+            node_cg, reason = _node_cgroup(cluster, node, root)
+        if node_cg is not None:
+            fd = os.open(node_cg.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            what = f"cgroup {node_cg.path}"
+            mode = Mode.CGROUP
+        else:
+            state_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(state_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            what = f"lock file {state_dir / LOCK_FILE}"
+            mode = Mode.PROCESS_GROUP
+        try:
+            _lock(fd, lock_wait, what, node)
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(mode, node_cg, fd, reason)
+
+    def close(self) -> None:
+        """Release this process's hold on the lock (the sentinel may still hold it)."""
+        if self.lock_fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.lock_fd)
+            self.lock_fd = None
+
+    def describe(self) -> str:
+        if self.mode is Mode.CGROUP:
+            assert self.node_cgroup is not None
+            return f"cgroup v2 ({self.node_cgroup.path})"
+        return f"process groups only ({self.reason}): a process that leaves its process group escapes halt and fencing"
+
+    # ----------------------------------------------------------------- packages
+
+    def package(self, name: str) -> PackageScope:
+        cg = self.node_cgroup.child(name) if self.node_cgroup is not None else None
+        return PackageScope(name, cg)
+
+    def kill_all(self) -> None:
+        """SIGKILL every process of every package of this node now (fencing)."""
+        if self.node_cgroup is not None:
+            self.node_cgroup.kill()
+
+    def populated(self) -> bool:
+        return self.node_cgroup is not None and self.node_cgroup.populated()
+
+    def cleanup_leftovers(self, wait: float = KILL_WAIT) -> int:
+        """Kill whatever a previous agent of this node left in its cgroups, wait for
+        it to go, and remove the empty package cgroups. Returns how many processes
+        were found. Run once at start, before joining (the lock is held)."""
+        cg = self.node_cgroup
+        if cg is None:
+            return 0
+        found = len(cg.pids())
+        if found:
+            cg.kill()
+            if not cg.wait_empty_sync(wait):
+                log.error("processes left in %s survived SIGKILL: %s", cg.path, cg.pids())
+        with contextlib.suppress(OSError):
+            for sub in os.scandir(cg.path):
+                if sub.is_dir(follow_symlinks=False):
+                    cg.child(sub.name).remove()
+        return found
+
+
+def _node_cgroup(cluster: str, node: str, root: Path | None) -> tuple[Cgroup | None, str]:
+    """``ROOT/CLUSTER/NODE``, created; or None and why cgroups cannot be used."""
+    hierarchy = find_hierarchy()
+    if hierarchy is None:
+        return None, "no cgroup v2 hierarchy is mounted"
+    base = root if root is not None else hierarchy / DEFAULT_SUBTREE
+    try:
+        base.resolve().relative_to(hierarchy)
+    except ValueError:
+        return None, f"cgroup root {base} is not inside the cgroup v2 hierarchy {hierarchy}"
+    node_cg = Cgroup.at(hierarchy, base.resolve() / cluster / node)
+    mine = own_cgroup()
+    if mine is not None and (mine + "/").startswith(node_cg.rel.rstrip("/") + "/"):
+        return None, f"the agent itself runs inside {node_cg.path}"
+    try:
+        node_cg.create()
+        # Writable is not enough: moving a process needs write access to cgroup.procs.
+        os.close(node_cg.open_procs())
+    except OSError as exc:
+        return None, f"cannot write {node_cg.path}: {exc.strerror}"
+    return node_cg, ""
+
+
+def _lock(fd: int, wait: float, what: str, node: str) -> None:
+    deadline = time.monotonic() + wait
+    said = False
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            pass
+        if time.monotonic() >= deadline:
+            raise NodeLocked(
+                f"node {node}: {what} is locked by another vigild for this node on this "
+                f"host (or its sentinel, still cleaning up after {wait:g}s)"
+            )
+        if not said:
+            log.warning(
+                "node %s: %s is locked; waiting for the previous agent's sentinel", node, what
+            )
+            said = True
+        time.sleep(0.05)
+
+
+@dataclass
+class PackageScope:
+    """Where one package's processes live on this node.
+
+    cgroup mode: ``NODE/PACKAGE`` with a leaf per service and ``run``. Process-group
+    mode: the groups that scripts left running (``keep``), swept at halt.
+    """
+
+    name: str
+    cgroup: Cgroup | None
+    _kept: set[Child] = field(default_factory=set)
+
+    def service(self, name: str) -> Cgroup | None:
+        return self.cgroup.child(SERVICE_PREFIX + name) if self.cgroup is not None else None
+
+    def run(self) -> Cgroup | None:
+        return self.cgroup.child(RUN_LEAF) if self.cgroup is not None else None
+
+    def keep(self, child: Child) -> None:
+        """A script exited leaving processes that belong to the package (a daemon it
+        started). cgroup mode needs nothing: they are in ``run``. Process-group mode
+        remembers the group, to be swept at halt."""
+        if self.cgroup is None:
+            self._kept.add(child)
+
+    def alive(self) -> bool:
+        if self.cgroup is not None:
+            return self.cgroup.populated()
+        self._kept = {c for c in self._kept if c.group_alive()}
+        return bool(self._kept)
+
+    def pids(self) -> list[int]:
+        if self.cgroup is not None:
+            return self.cgroup.pids()
+        from vigil.supervise import procfs
+
+        return [p for c in self._kept for p in procfs.group_members(c.pgid)]
+
+    def signal(self, sig: int) -> None:
+        if self.cgroup is not None:
+            self.cgroup.signal(sig)
+            return
+        for child in list(self._kept):
+            child.signal_group(sig)
+
+    def kill_now(self) -> None:
+        """SIGKILL every process of the package (does not wait)."""
+        if self.cgroup is not None:
+            self.cgroup.kill()
+        for child in list(self._kept):
+            child.signal_group(signal.SIGKILL)
+
+    async def wait_empty(self, timeout: float) -> bool:
+        if self.cgroup is not None:
+            return await self.cgroup.wait_empty(timeout)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.alive():
+            if loop.time() >= deadline:
+                return False
+            await asyncio.sleep(0.02)
+        return True
+
+    async def sweep(self, grace: float, kill_wait: float = KILL_WAIT) -> list[int]:
+        """The last step of a halt: SIGTERM (and SIGCONT) whatever is still in the
+        package, wait up to ``grace`` s, then SIGKILL it and wait up to ``kill_wait``
+        s. Returns the PIDs that survived (empty: nothing is left). The package's
+        empty cgroups are removed."""
+        if self.alive():
+            left = self.pids()
+            log.info("package %s: %d process(es) left after halting: SIGTERM", self.name, len(left))
+            self.signal(signal.SIGTERM)
+            self.signal(signal.SIGCONT)
+            if not await self.wait_empty(grace):
+                log.warning(
+                    "package %s: processes outlived %gs after SIGTERM: SIGKILL", self.name, grace
+                )
+                self.kill_now()
+                if not await self.wait_empty(kill_wait):
+                    survivors = self.pids()
+                    log.error("package %s: processes survived SIGKILL: %s", self.name, survivors)
+                    return survivors or [0]
+        self._kept.clear()
+        self.remove()
+        return []
+
+    def remove(self) -> None:
+        if self.cgroup is not None and not self.cgroup.remove():
+            log.debug("package %s: cgroup %s not removed (busy)", self.name, self.cgroup.path)
