@@ -364,3 +364,15 @@ def test_unreadable_configuration_stops_no_package_and_apply_repairs_it(
     cluster.apply()
     assert cluster.vigil("status", check=False).returncode == 0
     assert cluster.package("a")["services"]["main"]["pid"] == pid
+
+
+def test_unreadable_controller_key_is_replaced(cluster: LocalCluster) -> None:
+    cluster.write_package(f'name = "a"\n{SERVICE}')
+    cluster.apply()
+    cluster.start_agents()
+    cluster.wait_state("a", "running")
+    put(cluster, "/vigil/test/controller", b"\x00\xff")  # no lease: it would stay for good
+    cluster.wait(lambda v: v["nodes"]["node1"]["controller"] and not v["problems"])
+    assert "unreadable store record, skipped: store key /vigil/test/controller" in (
+        cluster.agent_log("node1")
+    )

@@ -10,8 +10,9 @@ once and ``vigil status`` shows the rest of the cluster and exits 4. Where leavi
 record out would change what the cluster does, the snapshot holds the cautious
 reading instead (docs/operations.md, "Unreadable store records"):
 
-- an owner key or the controller key that cannot be read is still there: the package
-  counts as held by an unknown holder (``UNREADABLE``), so nothing else starts it;
+- an owner key that cannot be read is still there: the package counts as held by an
+  unknown holder (``UNREADABLE``), so nothing else starts it; so does the controller
+  key (the agents remove it, so that the role can be taken again);
 - a node record that cannot be read still says the node is up (its lease is alive);
 - an admin record that cannot be read counts as global switching off;
 - a configuration record that cannot be read makes ``config_readable`` False: agents

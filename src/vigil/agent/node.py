@@ -57,7 +57,7 @@ from vigil.model import (
     PackageStatus,
     StartReason,
 )
-from vigil.snapshot import Snapshot, encode, read_snapshot
+from vigil.snapshot import UNREADABLE, Snapshot, encode, read_snapshot
 from vigil.store import Compare, Delete, Op, Put, Store
 from vigil.supervise.command import run_captured
 from vigil.supervise.containment import KILL_WAIT, Mode, NodeContainment, PackageScope
@@ -543,6 +543,15 @@ class Agent:
         read_at = snap.revision  # the owners in snap are as of this revision
         self._reconciled_at = read_at
         self._log_problems(snap)
+        if snap.controller == UNREADABLE:
+            # no agent is the controller an unreadable leader key names: remove that key
+            # (only that very key) so that the role can be taken again
+            key = self.keys.controller
+            await self.store.txn(
+                [Compare(key, "create", "==", snap.controller_revision)], [Delete(key)]
+            )
+            self._trigger.set()
+            return
         if not snap.config_readable:
             # a package missing from a configuration that cannot be read in full is not
             # "removed": decide nothing (ownership still holds) until apply rewrites it
