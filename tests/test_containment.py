@@ -18,6 +18,7 @@ from __future__ import annotations
 import itertools
 import os
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -70,7 +71,10 @@ def sentinel_of(agent_pid: int) -> int:
     raise AssertionError(f"agent {agent_pid} has no sentinel")
 
 
-SLEEPER = 'exec python3 -c "import sys, time; time.sleep(1000)" "$@"\n'
+# The interpreter itself, not a "python3" found on PATH: that may be a wrapper script
+# (pyenv's shims) whose short-lived helpers carry the marker too.
+PY = sys.executable
+SLEEPER = f'exec {PY} -c "import sys, time; time.sleep(1000)" "$@"\n'
 
 KINDS = ("setsid-child", "forking-daemon", "script-background")
 
@@ -102,12 +106,8 @@ def escaping_package(c: LocalCluster, kind: str, marker: str, halt_timeout: str 
 
 
 @pytest.fixture
-def c(tmp_path: Path) -> Iterator[LocalCluster]:
-    cluster = LocalCluster(tmp_path, ["n1"], node_timeout="2s")
-    try:
-        yield cluster
-    finally:
-        cluster.close()
+def c(n1: LocalCluster) -> LocalCluster:
+    return n1
 
 
 def start_escaping(c: LocalCluster, kind: str, marker: str) -> list[int]:
@@ -304,7 +304,7 @@ def test_cgroup_kill_signal_and_remove(tmp_path: Path) -> None:
     try:
         procs = [
             subprocess.Popen(
-                ["sh", "-c", f"setsid sleep 1000 & exec python3 -c '{IGNORE_TERM}'"],
+                ["sh", "-c", f"setsid sleep 1000 & exec {PY} -c '{IGNORE_TERM}'"],
                 preexec_fn=lambda: os.write(fd, b"0"),
             )
             for _ in range(2)

@@ -13,8 +13,8 @@ import os
 import pwd
 import shutil
 import signal
+import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,13 +27,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def c(tmp_path: Path) -> Iterator[LocalCluster]:
-    cluster = LocalCluster(tmp_path, ["n1"], node_timeout="2s")
-    try:
-        yield cluster
-    finally:
-        cluster.close()
-        assert "Traceback" not in cluster.agent_log("n1"), cluster.agent_log("n1")
+def c(n1: LocalCluster) -> LocalCluster:
+    return n1
 
 
 def pkg_log(c: LocalCluster, pkg: str) -> str:
@@ -43,7 +38,8 @@ def pkg_log(c: LocalCluster, pkg: str) -> str:
 
 # A main process that, on its stop signal, tells its worker to save (SIGUSR1) and
 # waits for it; the worker saves on SIGUSR1 but aborts at once on a direct SIGTERM.
-MASTER = """#!/usr/bin/env python3
+PY = sys.executable  # not "python3" on PATH: that may be a wrapper (pyenv's shims)
+MASTER = """#!{py}
 import signal, subprocess, sys, time
 w = subprocess.Popen([sys.executable, "{dir}/worker.py"])
 def stop(*_):
@@ -56,7 +52,7 @@ open("{dir}/ready", "w").close()
 while True:
     time.sleep(1)
 """
-WORKER = """#!/usr/bin/env python3
+WORKER = """#!{py}
 import os, signal, sys, time
 def save(*_):
     time.sleep(0.3)
@@ -76,7 +72,7 @@ def office(c: LocalCluster, extra: str, sig: str = "SIGTERM") -> Path:
     d = c.root / "office"
     d.mkdir()
     for name, text in (("master.py", MASTER), ("worker.py", WORKER)):
-        (d / name).write_text(text.format(dir=d, sig=sig))
+        (d / name).write_text(text.format(dir=d, sig=sig, py=PY))
         (d / name).chmod(0o755)
     c.write_package(
         f'name = "office"\n[[service]]\nname = "master"\ncommand = ["{d}/master.py"]\n'
@@ -113,7 +109,7 @@ def test_kill_mode_process_leaves_the_rest_to_the_final_sweep(c: LocalCluster) -
     (systemd's KillMode=process); the package's halt still stops them."""
     marker = f"kmp-{os.getpid()}"
     c.write_script(
-        "svc.sh", f'python3 -c "import time; time.sleep(1000)" {marker} &\nexec sleep 1000\n'
+        "svc.sh", f'{PY} -c "import time; time.sleep(1000)" {marker} &\nexec sleep 1000\n'
     )
     c.write_package(
         f'name = "p"\nhalt_timeout = "2s"\n[[service]]\nname = "s"\n'
@@ -163,7 +159,7 @@ def test_forking_service_is_up_while_its_daemon_lives(c: LocalCluster) -> None:
     forking(
         c,
         pid_file,
-        f'( setsid sh -c \'echo $$ > {pid_file}; python3 -c "import time; time.sleep(1000)" '
+        f'( setsid sh -c \'echo $$ > {pid_file}; {PY} -c "import time; time.sleep(1000)" '
         f"{marker}-child & exec sleep 1000' & )\nexit 0\n",
         'restart = 2\nstart_timeout = "10s"\n',
     )
@@ -315,7 +311,7 @@ def pkg_log_of(root: Path, node: str, pkg: str) -> str:
 def test_package_log_rotates_by_size(c: LocalCluster) -> None:
     c.write_script(
         "chatty.sh",
-        "exec python3 -uc \"import time\nwhile True: print('x' * 4000); time.sleep(0.01)\"\n",
+        f"exec {PY} -uc \"import time\nwhile True: print('x' * 4000); time.sleep(0.01)\"\n",
     )
     c.write_package(
         f'name = "chatty"\nlog_max_size = "64K"\nlog_keep = 2\n[[service]]\nname = "s"\n'

@@ -170,11 +170,12 @@ class Agent:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         state_file = self.state_dir / "processes.json"
-        containment = self._open_containment()
-        killed = cleanup_leftovers(state_file)
+        # These may wait (for the lock, for killed processes to go): not on the loop.
+        containment = await asyncio.to_thread(self._open_containment)
+        killed = await asyncio.to_thread(cleanup_leftovers, state_file)
         if killed:
             log.warning("killed %d leftover process group(s) of a previous agent", len(killed))
-        found = containment.cleanup_leftovers()
+        found = await asyncio.to_thread(containment.cleanup_leftovers)
         if found:
             log.warning("killed %d leftover process(es) in this node's cgroups", found)
         self.registry = ProcessRegistry.start(
@@ -399,7 +400,9 @@ class Agent:
         if h.busy is not None and h.busy is not asyncio.current_task():
             h.busy.cancel()
         if not TEST_DISABLE_FENCING:
-            h.runner.ctx.scope.kill_now()
+            scope = h.runner.ctx.scope
+            scope.kill_now()
+            self._in_background(self._remove_when_empty(scope))
             for step in h.runner.steps:
                 if isinstance(step, AddressStep):
                     self._in_background(step.abandon())
@@ -407,6 +410,11 @@ class Agent:
             self._in_background(step.supervisor.stop())
         for monitor in h.runner.monitors.values():
             self._in_background(monitor.stop())
+
+    @staticmethod
+    async def _remove_when_empty(scope: PackageScope) -> None:
+        if await scope.wait_empty(KILL_WAIT):
+            scope.remove()
 
     async def _drop_addresses(self) -> None:
         """Fencing: remove every relocatable address this node has up, concurrently,
@@ -788,6 +796,7 @@ class Agent:
         if not ok:
             await self._halt_failed(pkg, f"{held.runner.problem} while halting ({why})")
             return False
+        held.runner.ctx.scope.remove()  # the post_remove hooks ran in it
         await self._release(pkg, PackageState.HALTED, why)
         return True
 

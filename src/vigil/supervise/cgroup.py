@@ -224,18 +224,10 @@ class Cgroup:
 
     async def wait_empty(self, timeout: float) -> bool:
         """Wait up to ``timeout`` s for the subtree to hold no process; True if empty."""
-        import asyncio  # not at the top: the sentinel imports this module and no asyncio
+        # not at the top: the sentinel imports this module, and asyncio is not needed there
+        from vigil.supervise.aio import poll_until
 
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        interval = _POLL_FIRST
-        while self.populated():
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                return False
-            await asyncio.sleep(min(interval, remaining))
-            interval = min(interval * 2, _POLL_MAX)
-        return True
+        return await poll_until(lambda: not self.populated(), timeout)
 
     def wait_empty_sync(self, timeout: float) -> bool:
         """:meth:`wait_empty` for code without an event loop (the sentinel)."""

@@ -24,7 +24,6 @@ This module imports only the standard library and vigil's stdlib-only modules.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import enum
 import fcntl
@@ -36,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from vigil.supervise.aio import poll_until
 from vigil.supervise.cgroup import (
     DEFAULT_SUBTREE,
     RUN_LEAF,
@@ -265,13 +265,7 @@ class PackageScope:
     async def wait_empty(self, timeout: float) -> bool:
         if self.cgroup is not None:
             return await self.cgroup.wait_empty(timeout)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while self.alive():
-            if loop.time() >= deadline:
-                return False
-            await asyncio.sleep(0.02)
-        return True
+        return await poll_until(lambda: not self.alive(), timeout)
 
     async def sweep(self, grace: float, kill_wait: float = KILL_WAIT) -> list[int]:
         """The last step of a halt: SIGTERM (and SIGCONT) whatever is still in the

@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING
 from vigil.config import ServiceSpec
 from vigil.errors import SpawnError
 from vigil.model import ServiceStatus
-from vigil.supervise.aio import cancel_and_wait
+from vigil.supervise.aio import cancel_and_wait, poll_until
 from vigil.supervise.cgroup import Cgroup
 from vigil.supervise.fsm import (
     GiveUp,
@@ -493,10 +493,4 @@ async def _wait_main(main: Main, timeout: float) -> bool:
 
 
 async def _wait_group(main: Adopted, timeout: float) -> bool:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while main.group_alive():
-        if loop.time() >= deadline:
-            return False
-        await asyncio.sleep(0.02)
-    return True
+    return await poll_until(lambda: not main.group_alive(), timeout)

@@ -42,8 +42,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from vigil.config import RLIMIT_NAMES
 from vigil.errors import SpawnError
 from vigil.supervise import procfs
+from vigil.supervise.aio import poll_until
 from vigil.supervise.cgroup import Cgroup
 
 log = logging.getLogger(__name__)
@@ -315,14 +317,8 @@ async def wait_group_gone(child: Child, timeout: float) -> bool:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
                 await child.wait()  # usually the group dies with its leader
-    interval = _POLL_FIRST
-    while child.group_alive():
-        remaining = deadline - loop.time()
-        if remaining <= 0:
-            return False
-        await asyncio.sleep(min(interval, remaining))
-        interval = min(interval * 2, _POLL_MAX)
-    return True
+    remaining = max(0.0, deadline - loop.time())
+    return await poll_until(lambda: not child.group_alive(), remaining)
 
 
 async def terminate_group(child: Child, grace: float, *, kill_wait: float = KILL_WAIT) -> bool:
@@ -434,28 +430,11 @@ def resolve_identity(user: str | None, group: str | None) -> Identity | None:
     return Identity(pw.pw_uid, primary, tuple(sorted(groups)), env)
 
 
-#: Resource limits a service may set, by their systemd names without ``Limit``
-#: (``limit_nofile`` is ``LimitNOFILE=``): name -> ``resource.RLIMIT_*``.
+#: Resource limits a service may set (``limit_nofile`` is systemd's ``LimitNOFILE=``):
+#: name -> ``resource.RLIMIT_*``.
 RLIMITS: dict[str, int] = {
     name: getattr(resource, "RLIMIT_" + name.upper())
-    for name in (
-        "cpu",
-        "fsize",
-        "data",
-        "stack",
-        "core",
-        "rss",
-        "nproc",
-        "nofile",
-        "memlock",
-        "as",
-        "locks",
-        "sigpending",
-        "msgqueue",
-        "nice",
-        "rtprio",
-        "rttime",
-    )
+    for name in RLIMIT_NAMES
     if hasattr(resource, "RLIMIT_" + name.upper())
 }
 
