@@ -141,6 +141,13 @@ def parse_duration(
     return seconds
 
 
+def from_file(info: ValidationInfo) -> bool:
+    """Whether the value being validated is what an operator wrote (``validate_file``):
+    the rules of policy (ranges, no repetition) apply there, not to records read back
+    from the store or built by code."""
+    return bool(info.context and info.context.get("file"))
+
+
 def _within(
     low: float = 0.0, high: float = MAX_DURATION, *, allow_none: bool = False
 ) -> BeforeValidator:
@@ -148,7 +155,7 @@ def _within(
     [low, high] (records read back from the store are only checked to be finite)."""
 
     def validate(value: object, info: ValidationInfo) -> float | None:
-        if info.context and info.context.get("file"):
+        if from_file(info):
             return parse_duration(value, allow_none=allow_none, low=low, high=high)
         return parse_duration(value, allow_none=allow_none, high=math.inf)
 
@@ -472,7 +479,7 @@ class PackageSpec(_Spec):
 
     @field_validator("nodes")
     @classmethod
-    def _nodes(cls, v: list[str]) -> list[str]:
+    def _nodes(cls, v: list[str], info: ValidationInfo) -> list[str]:
         if not v:
             raise ValueError('expected at least one node name or "*"')
         for i, n in enumerate(v):
@@ -480,7 +487,7 @@ class PackageSpec(_Spec):
                 raise _fail(
                     f'expected a node name matching {NAME_PATTERN} or "*", got {given(n)}', f"[{i}]"
                 )
-            if n in v[:i]:
+            if from_file(info) and n in v[:i]:
                 raise _fail(f"{n!r} is listed twice", f"[{i}]")
         return v
 
@@ -496,10 +503,12 @@ class PackageSpec(_Spec):
 
     @field_validator("dependency")
     @classmethod
-    def _one_per_package(cls, v: list[DependencySpec]) -> list[DependencySpec]:
+    def _one_per_package(
+        cls, v: list[DependencySpec], info: ValidationInfo
+    ) -> list[DependencySpec]:
         """Two dependencies on one package either contradict each other (up and down)
-        or say together what one says: one per package."""
-        for i, dep in enumerate(v):
+        or say together what one says: one per package (in what an operator writes)."""
+        for i, dep in enumerate(v if from_file(info) else ()):
             j = next((j for j, d in enumerate(v[:i]) if d.package == dep.package), None)
             if j is None:
                 continue
@@ -561,7 +570,7 @@ class ClusterSpec(_Spec):
     @classmethod
     def _store(cls, v: str, info: ValidationInfo) -> str:
         kind, _ = parse_store_url(v)  # ValueError naming what is wrong
-        if kind == "memory" and info.context and info.context.get("file"):
+        if kind == "memory" and from_file(info):
             raise ValueError(
                 f"{STORE_URL_EXPECTED}, got 'memory://' (it keeps the cluster inside one "
                 "process: nothing would be kept between commands)"
