@@ -72,18 +72,19 @@ def _last_line(path: str, limit: int = 200) -> str:
 
 
 def report_errors(report: CheckReport, *, every: bool = False, suffix: str = "") -> None:
-    """Print the errors of ``report`` on stderr: one line per file (its first error and
-    how many more it has), or with ``every`` one line per error."""
+    """Print the errors of ``report`` on stderr, one line per file: ``FILE: KEY: WHAT``
+    and the file's other errors after it (``; KEY: WHAT``); with ``every``, one line
+    per error."""
     by_file: dict[str, list[ConfigError]] = {}
     for e in report.errors:
         by_file.setdefault(e.where.partition(": ")[0], []).append(e)
     lines = []
-    for errors in by_file.values():
+    for file, errors in by_file.items():
         if every:
             lines += [f"vigil: error: {e}" for e in errors]
             continue
-        more = f" (and {len(errors) - 1} more in this file)" if len(errors) > 1 else ""
-        lines.append(f"vigil: error: {errors[0]}{more}")
+        rest = [str(e).removeprefix(f"{file}: ") for e in errors[1:]]
+        lines.append("; ".join([f"vigil: error: {errors[0]}", *rest]))
     lines[-1] += suffix
     for line in lines:
         click.echo(one_line(line), err=True)
@@ -114,7 +115,7 @@ def _dir_arg(obj: CliContext, directory: Path | None) -> Path:
 
 @click.command()
 @click.argument("directory", required=False, type=SafePath(path_type=Path))
-@click.option("--all", "every", is_flag=True, help="Every error (default: the first of each file).")
+@click.option("--all", "every", is_flag=True, help="One line per error (default: per file).")
 @click.pass_obj
 def check(obj: CliContext, directory: Path | None, every: bool) -> None:
     """Validate a configuration directory and run the scripts' validate entry points."""
