@@ -249,7 +249,7 @@ def test_check_names_unknown_user_group_and_missing_cwd(c: LocalCluster) -> None
         (
             "kill_mode",
             '"control_group"',
-            "kill_mode: Input should be 'control-group', 'mixed' or 'process'",
+            "kill_mode: expected 'control-group', 'mixed' or 'process', got 'control_group'",
         ),
         ("stop_signal", '"SIGTERMINATE"', 'stop_signal: expected a signal name like "SIGTERM"'),
         ("umask", '"0899"', 'umask: expected an octal umask like "0027"'),

@@ -7,7 +7,8 @@ This is the shape of ``vigil status --json`` (CONCEPTS §9)::
                       "containment": "cgroup"|"process-group"|null}},
      "packages": {NAME: {"state": ..., "node": NAME|null, "auto_run": bool,
                          "halt_reason": ..., "degraded": bool, ...,
-                         "services": {NAME: {"pid": INT|null, "restarts": INT}}}}}
+                         "services": {NAME: {"pid": INT|null, "restarts": INT}}}},
+     "problems": ["store key KEY: what is wrong", ...]}   # records left out
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from vigil.model import ACTIVE_STATES, NodeState, PackageState
-from vigil.snapshot import Snapshot
+from vigil.snapshot import UNREADABLE, Snapshot
 
 
 def package_state(snap: Snapshot, pkg: str) -> tuple[PackageState, str | None, str]:
@@ -27,6 +28,8 @@ def package_state(snap: Snapshot, pkg: str) -> tuple[PackageState, str | None, s
     st = snap.status_of(pkg)
     owner = snap.owners.get(pkg)
     target = snap.assignments.get(pkg)
+    if owner == UNREADABLE:
+        return st.state, None, "its owner key cannot be read (see vigil status)"
     if st.state is PackageState.HALT_FAILED and owner != st.node:
         # its node is gone, but a failed stop may have left things behind: still blocked
         return st.state, st.node, f"{st.message}; node {st.node} is down"
@@ -111,4 +114,5 @@ def cluster_view(snap: Snapshot) -> dict[str, Any]:
         "revision": snap.revision,
         "nodes": nodes,
         "packages": packages,
+        "problems": list(snap.problems),
     }

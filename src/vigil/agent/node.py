@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import time
@@ -58,7 +57,7 @@ from vigil.model import (
     PackageStatus,
     StartReason,
 )
-from vigil.snapshot import Snapshot, encode, read_snapshot
+from vigil.snapshot import UNREADABLE, Snapshot, encode, read_snapshot
 from vigil.store import Compare, Delete, Op, Put, Store
 from vigil.supervise.command import run_captured
 from vigil.supervise.containment import KILL_WAIT, Mode, NodeContainment, PackageScope
@@ -150,6 +149,7 @@ class Agent:
         self._stopping = False
         self._fenced = asyncio.Event()
         self.left_cluster = False  # set by fence_node: the agent exits instead of rejoining
+        self._problems: set[str] = set()  # unreadable store records logged already
         self._claiming: set[str] = set()  # packages whose START is between decision and claim
         self._claim_tasks: dict[str, asyncio.Task[None]] = {}
         self._ops = asyncio.Semaphore(MAX_CONCURRENT_OPS)
@@ -490,10 +490,14 @@ class Agent:
             return False
         if key.startswith(self.keys.statuses) and value:
             try:
-                data = json.loads(value)
-                summary: tuple[object, ...] = (data.get("state"), data.get("node"))
-            except (ValueError, AttributeError):
+                st = PackageStatus.model_validate_json(value, strict=True)
+            except ValueError:
+                # another writer left the status of a package this node holds
+                # unreadable: this node, its writer, writes it again
+                if self.keys.leaf(key) in self.held:
+                    self._mark_dirty(self.keys.leaf(key))
                 return True
+            summary: tuple[object, ...] = (st.state, st.node)
             if seen.get(key) == summary:
                 return False
             seen[key] = summary
@@ -546,6 +550,21 @@ class Agent:
         snap = await read_snapshot(self.store, self.keys)
         read_at = snap.revision  # the owners in snap are as of this revision
         self._reconciled_at = read_at
+        self._log_problems(snap)
+        if snap.controller == UNREADABLE:
+            # no agent is the controller an unreadable leader key names: remove that key
+            # (only that very key) so that the role can be taken again
+            key = self.keys.controller
+            await self.store.txn(
+                [Compare(key, "create", "==", snap.controller_revision)], [Delete(key)]
+            )
+            self._trigger.set()
+            return
+        if not snap.config_readable:
+            # a package missing from a configuration that cannot be read in full is not
+            # "removed": decide nothing (ownership still holds) until apply rewrites it
+            self._check_ownership(snap, read_at)
+            return
         snap = await self.controller.step(snap, self.lease)
         self.snapshot = snap
         self._check_ownership(snap, read_at)
@@ -562,6 +581,18 @@ class Agent:
             task = self._launch(d.package, self._carry_out(d, snap))
             if d.verb is Verb.START:
                 self._claim_tasks[d.package] = task
+
+    def _log_problems(self, snap: Snapshot) -> None:
+        """Log each unreadable store record once (and once more when it is gone)."""
+        now = set(snap.problems)
+        for problem in sorted(now - self._problems):
+            log.warning("unreadable store record, skipped: %s", problem)
+        for problem in sorted(self._problems - now):
+            log.info("store record readable again: %s", problem.partition(": ")[0])
+        if now and not snap.config_readable and self._problems == set():
+            log.warning("the configuration in the store cannot be read in full: acting on "
+                        "nothing until `vigil apply` writes it again")  # fmt: skip
+        self._problems = now
 
     def _check_ownership(self, snap: Snapshot, read_at: int) -> None:
         for pkg, h in list(self.held.items()):

@@ -136,6 +136,20 @@ def _key_range(prefix: str) -> tuple[str, str | None]:
     return prefix, prefix_end(stripped)
 
 
+def _as_bytes(value: object) -> bytes:
+    """A value cell as bytes. vigil writes BLOBs; a cell edited by hand (the sqlite3
+    shell stores ``'text'`` as TEXT, ``5`` as INTEGER) is read as the bytes of its text,
+    and the record's decoder reports it, naming the key, instead of a TypeError (or,
+    for an INTEGER N, N zero bytes) stopping every reader."""
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, memoryview | bytearray):
+        return bytes(value)
+    if isinstance(value, str):
+        return value.encode("utf-8", "surrogateescape")
+    return str(value).encode()
+
+
 def _where_prefix(prefix: str) -> tuple[str, tuple[str, ...]]:
     lo, hi = _key_range(prefix)
     if hi is None:
@@ -604,7 +618,7 @@ class SQLiteStore:
     @staticmethod
     def _row_kv(row: tuple[Any, ...]) -> KeyValue:
         key, value, create_rev, mod_rev, version, lease = row
-        return KeyValue(key, bytes(value), create_rev, mod_rev, version, lease)
+        return KeyValue(key, _as_bytes(value), create_rev, mod_rev, version, lease)
 
     def _get_kv(self, conn: sqlite3.Connection, key: str) -> KeyValue | None:
         row = conn.execute(
@@ -722,7 +736,7 @@ class SQLiteStore:
                     f"sqlite store {self._path}: bad history event type {kind!r} at revision {rev}"
                 ) from None
             events.append(
-                WatchEvent(event_type, key, bytes(value), rev, create_rev, version, lease)
+                WatchEvent(event_type, key, _as_bytes(value), rev, create_rev, version, lease)
             )
         return events, revision
 
