@@ -298,3 +298,16 @@ def test_held_address_is_announced_again_while_held(cluster: LocalCluster) -> No
     finally:
         subprocess.run(["ip", "link", "del", host_if], capture_output=True)
         subprocess.run(["ip", "netns", "del", peer_ns], capture_output=True)
+
+
+@pytest.mark.parametrize("restart", ['"none"', "3"])
+def test_service_that_dies_at_once_fails_the_package(cluster: LocalCluster, restart: str) -> None:
+    """A service whose command fails at once (a bad flag, a missing file) spends its
+    budget while the package's start is still finishing: the failure is carried out
+    when the start ends, not dropped (the package must not stay "running")."""
+    web(cluster, f'command = ["false"]\nrestart = {restart}\n')
+    cluster.apply()
+    cluster.start_agents()
+    p = cluster.wait_state("web", "failed", 20)
+    assert "service main failed" in p["message"]
+    assert p["halt_reason"] == "failure"

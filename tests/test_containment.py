@@ -15,6 +15,7 @@ behind, as on a real host), a real SQLite store, real cgroups.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import signal
@@ -358,3 +359,74 @@ def test_find_hierarchy_prefers_the_unified_mount(tmp_path: Path) -> None:
     assert find_hierarchy(str(mounts)) == Path("/srv/other")
     mounts.write_text("proc /proc proc rw 0 0\n")
     assert find_hierarchy(str(mounts)) is None
+
+
+# --------------------------------------------------------------------------- the node's lock
+
+
+@needs_cgroups
+def test_node_directory_cannot_be_removed_and_a_second_agent_waits(c: LocalCluster) -> None:
+    """The node's cgroup directory holds the sentinel's cgroup, so an over-eager
+    clean-up cannot remove it (and with it the lock); a second vigild for the same
+    node, even one without cgroups, waits for the lock and touches nothing."""
+    import subprocess
+
+    marker = f"lock-{os.getpid()}"
+    escaped = start_escaping(c, "setsid-child", marker)
+    pkg = c.package_cgroup("n1", "esc")
+    assert pkg is not None
+    node_dir = pkg.path.parent.parent
+    with pytest.raises(OSError):
+        os.rmdir(node_dir)
+    state = c.root / "state" / "n1"
+    assert (state / "processes.json").exists()
+    env = c.env(VIGIL_TEST_DISABLE_CONTAINMENT="1")
+    second = subprocess.Popen(
+        [str(Path(sys.executable).with_name("vigild")), "--node", "n1", "--config", str(c.config)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert second.stdout is not None
+        line = second.stdout.readline()
+        assert "is locked; waiting" in line, line
+        assert (state / "processes.json").exists(), "the second agent removed the state file"
+        assert all(procfs.pid_alive(p) for p in escaped)
+        assert c.package("esc")["state"] == "running"
+    finally:
+        second.kill()
+        second.communicate()
+
+
+@needs_cgroups
+def test_a_sentinel_that_does_not_read_is_replaced(c: LocalCluster) -> None:
+    """A stopped sentinel must not stop the agent (a full pipe would block it, its
+    lease would expire and the package would run elsewhere while it is still here):
+    the agent replaces it and goes on renewing."""
+    monitors = "".join(
+        f'[[monitor]]\nname = "m{i}"\ncommand = ["true"]\ninterval = "100ms"\n' for i in range(16)
+    )
+    c.write_package(
+        f'name = "busy"\n[[service]]\nname = "s"\ncommand = ["sleep", "1000"]\n{monitors}'
+    )
+    c.apply()
+    c.start_agents()
+    c.wait_state("busy", "running")
+    old = sentinel_of(c.agent_pid("n1"))
+    os.kill(old, signal.SIGSTOP)
+    try:
+        wait_until_sync(
+            lambda: "restarted the sentinel" in c.agent_log("n1"), 60, interval=0.2,
+            what="the agent replacing its stopped sentinel",
+        )  # fmt: skip
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(old, signal.SIGCONT)
+    new = sentinel_of(c.agent_pid("n1"))
+    assert new != old
+    wait_until_sync(lambda: not procfs.pid_alive(old), 5, what="the old sentinel gone")
+    assert c.package("busy")["state"] == "running"
+    assert "FENCING" not in c.agent_log("n1")

@@ -226,7 +226,7 @@ def _stop_signal(v: object) -> str:
     if isinstance(v, str):
         name = v.strip().upper()
         name = name if name.startswith("SIG") else "SIG" + name
-        if name in signal.Signals.__members__ and name not in ("SIGSTOP", "SIGCHLD"):
+        if name in signal.Signals.__members__ and name not in ("SIGSTOP", "SIGCHLD", "SIGCONT"):
             return name
     raise ValueError(f'expected a signal name like "SIGTERM", "SIGINT" or "SIGQUIT", got {v!r}')
 
@@ -249,10 +249,13 @@ Umask = Annotated[int, BeforeValidator(_umask), PlainSerializer(lambda v: f"{v:0
 _RLIM_INF = resource.RLIM_INFINITY
 
 
+_RLIM_MAX = 2**63 - 1  # what setrlimit takes as a number; beyond it, say "infinity"
+
+
 def _rlimit_value(v: object, whole: object) -> int:
-    if isinstance(v, int) and not isinstance(v, bool) and v >= 0:
+    if isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= _RLIM_MAX:
         return v
-    if isinstance(v, str) and v.strip().isdigit():
+    if isinstance(v, str) and v.strip().isascii() and v.strip().isdigit() and int(v) <= _RLIM_MAX:
         return int(v)
     if isinstance(v, str) and v.strip() == "infinity":
         return _RLIM_INF
@@ -300,6 +303,9 @@ def _size(v: object) -> int:
 
 
 ByteSize = Annotated[int, BeforeValidator(_size)]
+
+#: Limits the kernel keeps in a small range (setpriority(2), sched(7)).
+_RLIMIT_CEILING = {"nice": 40, "rtprio": 99}
 
 #: The resource limits a service may set: ``limit_NAME``, as systemd's ``LimitNAME=``.
 RLIMIT_NAMES = (
@@ -422,6 +428,12 @@ class ServiceSpec(_Spec):
             raise ValueError('pid_file is only for type = "forking"')
         if self.pid_file is not None and not os.path.isabs(self.pid_file):
             raise ValueError(f"pid_file: expected an absolute path, got {self.pid_file!r}")
+        for name, top in _RLIMIT_CEILING.items():
+            value = getattr(self, f"limit_{name}")
+            if value is not None and max(value) > top and value[1] != _RLIM_INF:
+                raise ValueError(
+                    f"limit_{name}: at most {top} (the kernel's range), got {value[1]}"
+                )
         return self
 
     def limits(self) -> dict[str, tuple[int, int]]:
@@ -994,6 +1006,18 @@ def service_problems(svc: ServiceSpec) -> list[tuple[str, str]]:
             out.append(("group", f"no group {svc.group!r} {here}"))
     if svc.cwd is not None and not os.path.isdir(svc.cwd):
         out.append(("cwd", f"working directory {svc.cwd} does not exist {here}"))
+    if svc.limit_nofile is not None and svc.limit_nofile[1] != _RLIM_INF:
+        try:
+            nr_open = int(Path("/proc/sys/fs/nr_open").read_text())
+        except (OSError, ValueError):
+            nr_open = None
+        if nr_open is not None and svc.limit_nofile[1] > nr_open:
+            out.append(
+                (
+                    "limit_nofile",
+                    f"at most {nr_open} {here} (fs.nr_open), got {svc.limit_nofile[1]}",
+                )
+            )
     return out
 
 

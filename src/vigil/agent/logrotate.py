@@ -1,7 +1,8 @@
 """The agent's duty of keeping package logs small (see :mod:`vigil.supervise.logfile`).
 
 Every :data:`CHECK_EVERY` seconds the log of every package this node holds is rotated
-if it is larger than the package's ``log_max_size`` (keeping ``log_keep`` old copies);
+if it is larger than the package's ``log_max_size`` (keeping ``log_keep`` old copies),
+and a removed log a service still writes to is kept below that size;
 the agent's own ``hooks.log`` and ``sentinel.log`` are kept to the defaults. The copy
 runs in a thread: a large log never holds up the event loop.
 """
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from vigil.config import PackageSpec
-from vigil.supervise.logfile import rotate_if_needed
+from vigil.supervise.logfile import rotate_if_needed, truncate_removed
 
 if TYPE_CHECKING:
     from vigil.agent.node import Agent
@@ -53,3 +54,15 @@ class LogRotation:
                     log.info("rotated %s (larger than %d bytes; keeping %d)", path, max_size, keep)
             except OSError as exc:
                 log.error("cannot rotate %s: %s", path, exc)
+        for pkg, h in a.held.items():
+            for step in h.runner.services:
+                pid = step.supervisor.pid
+                if pid is not None and truncate_removed(pid, h.spec.log_max_size):
+                    log.warning(
+                        "package %s: service %s writes to a removed log (larger than %d "
+                        "bytes): truncated it; it writes to the new %s.log once restarted",
+                        pkg,
+                        step.spec.name,
+                        h.spec.log_max_size,
+                        pkg,
+                    )

@@ -102,6 +102,9 @@ class Held:
     monitors: dict[str, MonitorStatus] = field(default_factory=dict)
     package_restarts: list[float] = field(default_factory=list)
     busy: asyncio.Task[None] | None = None
+    # what a failure asked for while ``busy`` (a service that died at once, while its
+    # start was still finishing): carried out as soon as that operation ends
+    deferred: Coroutine[Any, Any, None] | None = None
 
     def local(self) -> LocalPackage:
         return LocalPackage(self.state, self.maintenance, self.cleared_generation)
@@ -232,7 +235,7 @@ class Agent:
                 root=self.cgroup_root,
                 disabled=TEST_DISABLE_CONTAINMENT,
             )
-        except Exception as exc:  # NodeLocked, or an unusable state directory
+        except Exception as exc:  # NodeLocked, ContainmentError, an unusable state dir
             raise UsageError(str(exc)) from None
         if c.mode is Mode.CGROUP:
             log.info("containment: %s", c.describe())
@@ -397,6 +400,9 @@ class Agent:
         that of a service whose process was already gone (killed by the sentinel while
         the agent was stopped, or waiting out its restart_delay): that supervisor would
         restart it here, once this node rejoined, while another node runs the package."""
+        if h.deferred is not None:
+            h.deferred.close()
+            h.deferred = None
         if h.busy is not None and h.busy is not asyncio.current_task():
             h.busy.cancel()
         if not TEST_DISABLE_FENCING:
@@ -437,8 +443,8 @@ class Agent:
         if self.registry is not None and self.registry.addresses():
             return False
         c = self.containment
-        if c is not None and c.node_cgroup is not None:
-            return await c.node_cgroup.wait_empty(KILL_WAIT)
+        if c is not None and c.packages_cgroup is not None:
+            return await c.packages_cgroup.wait_empty(KILL_WAIT)
         return True
 
     async def _give_up_lease(self) -> None:
@@ -633,6 +639,11 @@ class Agent:
             held = self.held.get(pkg)
             if held is not None and held.busy is asyncio.current_task():
                 held.busy = None
+                deferred, held.deferred = held.deferred, None
+                if deferred is not None and not self._stopping:
+                    self._launch(pkg, deferred)
+                elif deferred is not None:
+                    deferred.close()
             self._trigger.set()
 
     async def _carry_out(self, d: Decision, snap: Snapshot) -> None:
@@ -841,7 +852,10 @@ class Agent:
             ],
         )
         if res.succeeded or not compares:
-            self.held.pop(pkg, None)
+            gone = self.held.pop(pkg, None)
+            if gone is not None and gone.deferred is not None:
+                gone.deferred.close()  # a failure of what just halted: nothing left to do
+                gone.deferred = None
             self._dirty.discard(pkg)
         return res.succeeded
 
@@ -962,9 +976,13 @@ class Agent:
         self._launch_when_idle(pkg, self._fail(pkg, why))
 
     def _launch_when_idle(self, pkg: str, coro: Coroutine[Any, Any, None]) -> None:
+        """Carry ``coro`` out now, or, if an operation on the package is under way,
+        as soon as it ends (the latest such request wins)."""
         held = self.held[pkg]
         if held.busy is not None:
-            coro.close()
+            if held.deferred is not None:
+                held.deferred.close()
+            held.deferred = coro
             return
         self._launch(pkg, coro)
 

@@ -60,7 +60,7 @@ def render(view: dict[str, Any], verbose: bool) -> None:
     console.print(table(None, cols, rows) if rows else "no nodes")
     if weak:
         console.print(
-            f"[yellow]note:[/yellow] {', '.join(weak)}: process groups only (no cgroup v2): "
+            f"[yellow]note:[/yellow] {', '.join(weak)}: process groups only, no cgroups (the agent's log says why): "
             "a process that leaves its process group escapes halt and fencing"
         )
     console.print()

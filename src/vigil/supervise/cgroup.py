@@ -10,9 +10,11 @@ Layout under the node's subtree (see :mod:`vigil.supervise.containment`)::
     ROOT/                   default <cgroup2 mount>/vigil
       CLUSTER/
         NODE/               one per agent; flock'ed by the agent and its sentinel
-          PACKAGE/
-            service.NAME/   a service: its main process and everything it forks
-            run/            external scripts, monitor commands, hooks, what they leave
+          sentinel/         the sentinel (out of the agent's own cgroup)
+          packages/         what fencing and the agent's death kill
+            PACKAGE/
+              service.NAME/ a service: its main process and everything it forks
+              run/          external scripts, monitor commands, hooks, what they leave
 
 Only the standard library is imported here: the sentinel (a separate, small
 process) uses this module to kill a node's packages when the agent dies.

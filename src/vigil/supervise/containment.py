@@ -50,6 +50,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: ``NODE/packages`` holds the package cgroups, ``NODE/sentinel`` the sentinel.
+PACKAGES = "packages"
+SENTINEL = "sentinel"
 #: How long SIGKILLed processes get to disappear before they count as survivors.
 KILL_WAIT = 2.0
 #: How long a starting agent waits for the node's lock (a previous agent's sentinel
@@ -67,18 +70,35 @@ class NodeLocked(Exception):
     """Another agent (or its sentinel) holds this node's containment on this host."""
 
 
+class ContainmentError(Exception):
+    """An explicitly configured cgroup root cannot be used (one line, names it)."""
+
+
 @dataclass
 class NodeContainment:
-    """A node's containment: its mode, its cgroup (cgroup mode) and its lock.
+    """A node's containment: its mode, its cgroups (cgroup mode) and its locks.
 
-    ``lock_fd`` is the open, ``flock``ed directory (cgroup mode) or lock file; pass it
-    to the sentinel so that the lock lives until both are gone.
+    ``lock_fds`` are the open, ``flock``ed node cgroup directory (cgroup mode) and
+    ``STATE_DIR/agent.lock`` (always); pass them to the sentinel so that the locks
+    live until both are gone.
     """
 
     mode: Mode
-    node_cgroup: Cgroup | None
-    lock_fd: int | None
+    node_cgroup: Cgroup | None  # ROOT/CLUSTER/NODE
+    lock_fds: tuple[int, ...]
     reason: str = ""
+
+    @property
+    def packages_cgroup(self) -> Cgroup | None:
+        """``NODE/packages``: every package's cgroup, what fencing kills."""
+        return self.node_cgroup.child(PACKAGES) if self.node_cgroup is not None else None
+
+    @property
+    def sentinel_cgroup(self) -> Cgroup | None:
+        """``NODE/sentinel``: the sentinel's own cgroup, out of the agent's (a
+        ``systemctl kill`` of vigild's unit does not take it too) and keeping the
+        node's directory from being removed while it lives."""
+        return self.node_cgroup.child(SENTINEL) if self.node_cgroup is not None else None
 
     # ----------------------------------------------------------------- opening
 
@@ -93,64 +113,79 @@ class NodeContainment:
         disabled: bool = False,
         lock_wait: float = LOCK_WAIT,
     ) -> NodeContainment:
-        """Set up the node's containment and take its lock.
+        """Set up the node's containment and take its locks.
 
         ``root``: the directory under which ``CLUSTER/NODE`` is made (default: the
-        cgroup2 hierarchy's ``vigil``). ``disabled``: process groups only. Raises
-        :class:`NodeLocked` if the lock is still held after ``lock_wait`` s.
+        cgroup2 hierarchy's ``vigil``; a root given but unusable raises
+        :class:`ContainmentError`, while an unusable default falls back to process
+        groups). ``disabled``: process groups only. Raises :class:`NodeLocked` if a
+        lock is still held after ``lock_wait`` s.
         """
         reason = "turned off" if disabled else ""
         node_cg: Cgroup | None = None
         if not disabled:
             node_cg, reason = _node_cgroup(cluster, node, root)
+            if node_cg is None and root is not None:
+                raise ContainmentError(f"--cgroup-root {root}: {reason}")
+        state_dir.mkdir(parents=True, exist_ok=True)
+        paths: list[tuple[Path, str]] = []
         if node_cg is not None:
-            fd = os.open(node_cg.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            what = f"cgroup {node_cg.path}"
-            mode = Mode.CGROUP
-        else:
-            state_dir.mkdir(parents=True, exist_ok=True)
-            fd = os.open(state_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            what = f"lock file {state_dir / LOCK_FILE}"
-            mode = Mode.PROCESS_GROUP
+            paths.append((node_cg.path, f"cgroup {node_cg.path}"))
+        paths.append((state_dir / LOCK_FILE, f"lock file {state_dir / LOCK_FILE}"))
+        fds: list[int] = []
         try:
-            _lock(fd, lock_wait, what, node)
+            for path, what in paths:
+                if path.name == LOCK_FILE:
+                    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                else:
+                    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                fds.append(fd)
+                _lock(fd, lock_wait, what, node)
         except BaseException:
-            os.close(fd)
+            for fd in fds:
+                os.close(fd)
             raise
-        return cls(mode, node_cg, fd, reason)
+        if node_cg is not None:
+            for cg in (node_cg.child(PACKAGES), node_cg.child(SENTINEL)):
+                cg.create()
+        mode = Mode.CGROUP if node_cg is not None else Mode.PROCESS_GROUP
+        return cls(mode, node_cg, tuple(fds), reason)
 
     def close(self) -> None:
-        """Release this process's hold on the lock (the sentinel may still hold it)."""
-        if self.lock_fd is not None:
+        """Release this process's hold on the locks (the sentinel may still hold them)."""
+        for fd in self.lock_fds:
             with contextlib.suppress(OSError):
-                os.close(self.lock_fd)
-            self.lock_fd = None
+                os.close(fd)
+        self.lock_fds = ()
 
     def describe(self) -> str:
         if self.mode is Mode.CGROUP:
             assert self.node_cgroup is not None
             return f"cgroup v2 ({self.node_cgroup.path})"
-        return f"process groups only ({self.reason}): a process that leaves its process group escapes halt and fencing"
+        return (
+            f"process groups only ({self.reason}): a process that leaves its process "
+            "group escapes halt and fencing"
+        )
 
     # ----------------------------------------------------------------- packages
 
     def package(self, name: str) -> PackageScope:
-        cg = self.node_cgroup.child(name) if self.node_cgroup is not None else None
-        return PackageScope(name, cg)
+        pkgs = self.packages_cgroup
+        return PackageScope(name, pkgs.child(name) if pkgs is not None else None)
 
     def kill_all(self) -> None:
         """SIGKILL every process of every package of this node now (fencing)."""
-        if self.node_cgroup is not None:
-            self.node_cgroup.kill()
+        if self.packages_cgroup is not None:
+            self.packages_cgroup.kill()
 
     def populated(self) -> bool:
-        return self.node_cgroup is not None and self.node_cgroup.populated()
+        return self.packages_cgroup is not None and self.packages_cgroup.populated()
 
     def cleanup_leftovers(self, wait: float = KILL_WAIT) -> int:
-        """Kill whatever a previous agent of this node left in its cgroups, wait for
-        it to go, and remove the empty package cgroups. Returns how many processes
-        were found. Run once at start, before joining (the lock is held)."""
-        cg = self.node_cgroup
+        """Kill whatever a previous agent of this node left in its package cgroups,
+        wait for it to go, and remove the empty package cgroups. Returns how many
+        processes were found. Run once at start, before joining (the locks are held)."""
+        cg = self.packages_cgroup
         if cg is None:
             return 0
         found = len(cg.pids())

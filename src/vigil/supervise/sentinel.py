@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -234,16 +235,22 @@ class Sentinel:
         *,
         log_path: str | Path | None = None,
         cgroup: Path | None = None,
-        lock_fd: int | None = None,
+        lock_fds: tuple[int, ...] = (),
+        own_cgroup: Cgroup | None = None,
     ) -> Sentinel:
         """Start ``python -m vigil.supervise.sentinel STATE_FILE AGENT_PID [CGROUP]`` in
-        its own session; it inherits ``lock_fd`` (the node's lock) and keeps it open."""
+        its own session; it inherits ``lock_fds`` (the node's locks) and keeps them open.
+        ``cgroup``: the node's package cgroups it kills; ``own_cgroup``: where it runs
+        (out of the agent's cgroup)."""
         from vigil.supervise.spawner import spawn
 
         src = str(Path(__file__).resolve().parents[2])  # the directory holding "vigil"
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
         read_fd, write_fd = os.pipe()  # both close-on-exec
+        # Never block the agent on a sentinel that does not read (stopped, hung): a
+        # full pipe is a failed sentinel, replaced (see ProcessRegistry._send).
+        os.set_blocking(write_fd, False)
         try:
             child = spawn(
                 [
@@ -257,7 +264,8 @@ class Sentinel:
                 env=env,
                 log_path=log_path,
                 stdin=read_fd,
-                pass_fds=() if lock_fd is None else (lock_fd,),
+                pass_fds=lock_fds,
+                cgroup=own_cgroup,
                 die_with_parent=False,  # it must outlive us: that is its whole point
             )
         except BaseException:
@@ -272,13 +280,14 @@ class Sentinel:
         return self.child.pid
 
     def send(self, line: str) -> None:
-        """Write one line; raises BrokenPipeError if the sentinel is gone."""
+        """Write one line without blocking; raises OSError if the sentinel is gone
+        (BrokenPipeError) or does not read its pipe (it is full)."""
         if self._fd is None:
             raise BrokenPipeError("the sentinel pipe is closed")
         data = (line + "\n").encode()
-        while data:
-            n = os.write(self._fd, data)
-            data = data[n:]
+        n = os.write(self._fd, data)  # BlockingIOError when the pipe is full
+        if n != len(data):
+            raise OSError(errno.EAGAIN, "the sentinel's pipe is full (it does not read)")
 
     def abandon(self) -> Child:
         """Close the pipe and SIGKILL the sentinel without waiting (it failed); the
@@ -375,8 +384,9 @@ class ProcessRegistry:
         return Sentinel.start(
             self.state_file,
             log_path=self._sentinel_log,
-            cgroup=c.node_cgroup.path if c is not None and c.node_cgroup is not None else None,
-            lock_fd=c.lock_fd if c is not None else None,
+            cgroup=c.packages_cgroup.path if c is not None and c.packages_cgroup else None,
+            lock_fds=c.lock_fds if c is not None else (),
+            own_cgroup=c.sentinel_cgroup if c is not None else None,
         )
 
     def set_lease(self, lease: int, store_url: str) -> None:
@@ -645,8 +655,9 @@ def main(argv: list[str]) -> int:
             w.addresses.clear()
             deadline = None
             _say(
-                f"agent {agent} missed its lease deadline; killed the node's cgroups and "
-                "process groups "
+                f"agent {agent} missed its lease deadline; killed "
+                + ("the node's package cgroups and " if w.cgroup is not None else "")
+                + "process groups "
                 + " ".join(map(str, sorted(fenced)))
                 + (f"; removed addresses {', '.join(removed)}" if removed else "")
             )
@@ -703,9 +714,12 @@ def _on_agent_gone(w: _Watched, state_file: Path | None) -> None:
             except RevokeFailed as exc:
                 revoked = f"; cannot revoke lease {lease:x}: {exc}"
     if killed or removed or revoked or (w.cgroup is not None and w.lease is not None):
+        what = ["the node's package cgroups"] if w.cgroup is not None else []
+        if killed:
+            what.append("process groups " + " ".join(map(str, sorted(killed))))
         _say(
-            f"agent {w.agent} is gone; killed the node's cgroups"
-            + (" and process groups " + " ".join(map(str, sorted(killed))) if killed else "")
+            f"agent {w.agent} is gone; killed "
+            + (" and ".join(what) or "nothing")
             + (f"; removed addresses {', '.join(removed)}" if removed else "")
             + revoked
         )

@@ -222,7 +222,7 @@ class ServiceSupervisor:
         return spawn(
             spec.command,
             env=self._env,
-            cwd=spec.cwd,
+            cwd=spec.cwd or "/",  # systemd's default WorkingDirectory=, not the agent's
             user=spec.user,
             group=spec.group,
             umask=spec.umask,
@@ -262,7 +262,7 @@ class ServiceSupervisor:
                 ) from None
             if rc != 0:
                 raise SpawnError(f"service {self.name}: start command {describe_exit(rc)}")
-            main = await self._read_pid_file(pid_file, deadline)
+            main = await self._read_pid_file(pid_file, deadline, starter.start_time)
         except BaseException:
             await self._kill_leftovers()
             raise
@@ -271,18 +271,22 @@ class ServiceSupervisor:
                 self._registry.remove(starter)
         self._adopt(main)
 
-    async def _read_pid_file(self, pid_file: Path, deadline: float) -> Adopted:
+    async def _read_pid_file(
+        self, pid_file: Path, deadline: float, born_after: int | None
+    ) -> Adopted:
         loop = asyncio.get_running_loop()
         problem: str | None = f"pid_file {pid_file} did not appear"
         while True:
-            pid = _read_pid(pid_file)
+            pid, text = _read_pid(pid_file)
             if pid is not None:
-                problem = self._pid_problem(pid, pid_file)
+                problem = self._pid_problem(pid, pid_file, born_after)
                 if problem is None:
                     try:
                         return Adopted(pid, self.spec.command, self._cgroup)
                     except OSError:
                         problem = f"pid_file {pid_file} names PID {pid}, which has exited"
+            elif text is not None:
+                problem = f"pid_file {pid_file} holds {text[:40]!r}, not a PID"
             if loop.time() >= deadline:
                 raise SpawnError(
                     f"service {self.name}: {problem} "
@@ -290,17 +294,41 @@ class ServiceSupervisor:
                 )
             await asyncio.sleep(_PID_FILE_POLL)
 
-    def _pid_problem(self, pid: int, pid_file: Path) -> str | None:
+    def _pid_problem(self, pid: int, pid_file: Path, born_after: int | None) -> str | None:
+        """Why ``pid`` cannot be the service's daemon. With a cgroup: it must be in the
+        service's cgroup. Without (process groups): it must have been started after
+        the start command and run as the service's user, so a pid_file naming some
+        other process is refused (it would be signalled and killed as the service)."""
         from vigil.supervise import procfs
 
-        if not procfs.pid_alive(pid):
+        st = procfs.read_stat(pid)
+        if st is None or st.dead:
             return f"pid_file {pid_file} names PID {pid}, which is not running"
-        if self._cgroup is not None and not self._cgroup.holds(pid):
+        if self._cgroup is not None:
+            if not self._cgroup.holds(pid):
+                return (
+                    f"pid_file {pid_file} names PID {pid}, which is not a process of the "
+                    f"service (not in {self._cgroup.path})"
+                )
+            return None
+        if born_after is not None and st.start_time < born_after:
             return (
-                f"pid_file {pid_file} names PID {pid}, which is not a process of the service "
-                f"(not in {self._cgroup.path})"
+                f"pid_file {pid_file} names PID {pid}, which was running before the "
+                "service's start command: not its daemon"
             )
+        uid = procfs.uid_of(pid)
+        want = self._uid()
+        if uid is not None and uid != want:
+            return f"pid_file {pid_file} names PID {pid}, which runs as uid {uid}, not {want}"
         return None
+
+    def _uid(self) -> int:
+        import os
+
+        from vigil.supervise.spawner import resolve_identity
+
+        ident = resolve_identity(self.spec.user, self.spec.group)
+        return ident.uid if ident is not None else os.geteuid()
 
     # ----------------------------------------------------------------- stopping
 
@@ -394,7 +422,8 @@ class ServiceSupervisor:
                 main = self._main
                 assert main is not None
                 rc = await main.wait()
-                self._exited(main, rc)
+                how = _how_it_ended(main, rc)
+                self._exited(main, rc, how)
                 if self._stopping:
                     self._main = None
                     self._set(ServiceState.STOPPED)
@@ -405,13 +434,11 @@ class ServiceSupervisor:
                 decision = decide_restart(self._policy, self._restart_times, now)
                 self._main = None
                 if isinstance(decision, GiveUp):
-                    self._give_up(ServiceState.FAILED, f"{describe_exit(rc)}; {decision.reason}")
+                    self._give_up(ServiceState.FAILED, f"{how}; {decision.reason}")
                     return
                 self._restart_times.append(now)
                 self._set(ServiceState.BACKOFF)
-                log.warning(
-                    "service %s %s; restarting in %gs", self.name, describe_exit(rc), decision.delay
-                )
+                log.warning("service %s %s; restarting in %gs", self.name, how, decision.delay)
                 if decision.delay > 0:
                     self._notify()
                     await asyncio.sleep(decision.delay)
@@ -433,18 +460,14 @@ class ServiceSupervisor:
             log.exception("service %s: supervision failed", self.name)
             self._give_up(ServiceState.FAILED, "internal error in its supervisor (see the log)")
 
-    def _exited(self, main: Main, rc: int) -> None:
+    def _exited(self, main: Main, rc: int, how: str) -> None:
         """The main process exited: kill what it left (not with kill_mode "process"),
         forget it."""
         self.last_exit = rc
         if self.spec.kill_mode != "process":
             left = self._cgroup.populated() if self._cgroup is not None else main.group_alive()
             if left:
-                log.warning(
-                    "service %s %s leaving processes behind; killing them",
-                    self.name,
-                    describe_exit(rc),
-                )
+                log.warning("service %s %s leaving processes behind; killing them", self.name, how)
                 self._kill_all(main)
         self._forget(main)
 
@@ -473,12 +496,24 @@ class ServiceSupervisor:
             log.exception("service %s: on_change callback failed", self.name)
 
 
-def _read_pid(path: Path) -> int | None:
+def _read_pid(path: Path) -> tuple[int | None, str | None]:
+    """(PID, None) if ``path`` holds one (> 1); (None, its text) if it holds something
+    else; (None, None) if it cannot be read (not there yet)."""
     try:
         text = path.read_text(encoding="ascii", errors="replace").strip()
     except OSError:
-        return None
-    return int(text) if text.isdigit() and int(text) > 1 else None
+        return None, None
+    if text.isascii() and text.isdigit() and int(text) > 1:
+        return int(text), None
+    return None, text if text else None
+
+
+def _how_it_ended(main: Main, rc: int) -> str:
+    """ "exited with status 1", or, for a daemon that is not the agent's child (its
+    status is not ours to read), "its main process PID exited"."""
+    if isinstance(main, Adopted) and not main.status_known:
+        return f"its main process {main.pid} exited"
+    return describe_exit(rc)
 
 
 async def _wait_main(main: Main, timeout: float) -> bool:

@@ -243,6 +243,8 @@ class Adopted:
         self.argv: tuple[str, ...] = tuple(argv)
         self.cgroup = cgroup
         self.returncode: int | None = None
+        #: False while (or once) its exit status is unknown: it was not our child.
+        self.status_known = False
 
     def __repr__(self) -> str:
         return f"<Adopted pid={self.pid} returncode={self.returncode}>"
@@ -264,6 +266,7 @@ class Adopted:
             res = os.waitid(os.P_PIDFD, self._pidfd, os.WEXITED | os.WNOHANG)
             if res is not None:
                 rc = res.si_status if res.si_code == os.CLD_EXITED else -res.si_status
+                self.status_known = True
         except (OSError, AttributeError):
             pass
         self.returncode = rc
@@ -346,6 +349,9 @@ async def terminate_group(child: Child, grace: float, *, kill_wait: float = KILL
     return gone
 
 
+_unopenable_logs: set[str] = set()
+
+
 def _open_log(log_path: str | Path | None) -> int:
     """The descriptor a child's stdout and stderr go to. A log that cannot be opened
     never stops a process from starting: its directory is created again if it was
@@ -355,7 +361,9 @@ def _open_log(log_path: str | Path | None) -> int:
         return os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
     flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
     try:
-        return os.open(log_path, flags, 0o640)
+        fd = os.open(log_path, flags, 0o640)
+        _unopenable_logs.discard(str(log_path))
+        return fd
     except FileNotFoundError as exc:
         error: OSError = exc
         try:
@@ -365,7 +373,11 @@ def _open_log(log_path: str | Path | None) -> int:
             error = again
     except OSError as exc:
         error = exc
-    log.error("cannot open log file %s (%s): output goes to /dev/null", log_path, error.strerror)
+    if str(log_path) not in _unopenable_logs:  # said once per file, not per spawn
+        _unopenable_logs.add(str(log_path))
+        log.error(
+            "cannot open log file %s (%s): output goes to /dev/null", log_path, error.strerror
+        )
     return os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
 
 
@@ -444,16 +456,19 @@ def _preexec(
     parent_pid: int,
     die_with_parent: bool,
     procs_fd: int | None,
-    limits: Sequence[tuple[int, int, int]],
+    limits: Sequence[tuple[str, int, int, int]],
     umask: int | None,
     identity: Identity | None,
+    cwd: str | None,
     err_fd: int,
 ) -> Callable[[], None]:
     """The child's set-up between fork and exec, in this order: join the cgroup (so
     nothing runs outside it), resource limits (before the uid switch, which would
-    forbid raising them), umask, groups/gid/uid, PR_SET_PDEATHSIG (after the uid
-    switch, which would otherwise clear it). On failure the reason goes to ``err_fd``
-    and the exception makes Popen raise; nothing here may import or allocate much."""
+    forbid raising them), umask, groups/gid/uid, the working directory (after the uid
+    switch, as systemd's ``WorkingDirectory=``: the user must be allowed into it),
+    PR_SET_PDEATHSIG (after the uid switch, which would otherwise clear it). On failure
+    the reason goes to ``err_fd`` and the exception makes Popen raise; nothing here
+    may import or allocate much."""
     write, setrlimit = os.write, resource.setrlimit
 
     def setup() -> None:
@@ -461,8 +476,8 @@ def _preexec(
         try:
             if procs_fd is not None:
                 write(procs_fd, b"0")
-            step = "setting resource limits"
-            for res, soft, hard in limits:
+            for name, res, soft, hard in limits:
+                step = f"setting limit_{name}"
                 setrlimit(res, (soft, hard))
             if umask is not None:
                 os.umask(umask)
@@ -471,15 +486,19 @@ def _preexec(
                 os.setgroups(list(identity.groups))
                 os.setresgid(identity.gid, identity.gid, identity.gid)
                 os.setresuid(identity.uid, identity.uid, identity.uid)
+            if cwd is not None:
+                step = f"working directory {cwd}"
+                os.chdir(cwd)
             step = "setting PR_SET_PDEATHSIG"
             if die_with_parent:
                 if _prctl is not None:
                     _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0)
                 if os.getppid() != parent_pid:  # the parent died before prctl took effect
                     os.kill(os.getpid(), signal.SIGKILL)
-        except OSError as exc:
+        except (OSError, ValueError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             with contextlib.suppress(OSError):
-                write(err_fd, f"{step}: {exc.strerror or exc}".encode(errors="replace"))
+                write(err_fd, f"{step}: {reason}".encode(errors="replace"))
             raise
 
     return setup
@@ -522,7 +541,7 @@ def spawn(
     for name, (soft, hard) in (limits or {}).items():
         if name not in RLIMITS:
             raise SpawnError(f"cannot run {program}: unknown resource limit {name!r}")
-        rl.append((RLIMITS[name], soft, hard))
+        rl.append((name, RLIMITS[name], soft, hard))
     procs_fd: int | None = None
     if cgroup is not None:
         try:
@@ -541,7 +560,6 @@ def spawn(
             stdout=out,
             stderr=out,
             env=dict(env),
-            cwd=cwd,
             close_fds=True,
             pass_fds=tuple(pass_fds),
             start_new_session=True,
@@ -552,6 +570,7 @@ def spawn(
                 limits=rl,
                 umask=umask,
                 identity=identity,
+                cwd=None if cwd is None else str(cwd),
                 err_fd=err_w,
             ),
         )

@@ -374,7 +374,7 @@ class LocalCluster:
             return None
         hierarchy = find_hierarchy()
         assert hierarchy is not None
-        return Cgroup.at(hierarchy, self.cgroup_root / self.name / node / pkg)
+        return Cgroup.at(hierarchy, self.cgroup_root / self.name / node / "packages" / pkg)
 
     def controller(self) -> str | None:
         """The node holding the controller (leader) key, from the store."""
