@@ -32,6 +32,14 @@ monitor (``true`` every ``10s``, so N/10 monitor commands per second in all).
     the store at each end), in writes per second: what the idle agent writes;
   - the agent's log growth (LocalCluster runs ``vigild --log-level debug``).
 
+It runs once per containment mode (``--containment``, default both): ``cgroup``
+(vigil's default: a cgroup per package, a leaf per service and for the monitor, the
+monitor commands forked with a preexec step that joins the cgroup) and
+``process-group`` (the test-only switch ``VIGIL_TEST_DISABLE_CONTAINMENT=1``: what
+vigil did before), so the cost of the cgroups is the difference, measured in one
+run. The number of cgroups created is reported (their kernel memory is not in the
+agent's RSS).
+
 Targets printed beside the figures: agent RSS < 100 MB (the largest VmRSS sample of the
 window; MB = 10^6 bytes) and agent idle CPU < 2 % of one core.
 
@@ -213,7 +221,45 @@ def measure(agent_pid: int, sentinel_pid: int | None, window: float, log: Path) 
 
 
 def run(args: argparse.Namespace) -> int:
+    """Each containment mode in turn (``--containment``), the same measurement."""
     benchlib.require_vigil()
+    results: dict[str, Any] = {}
+    for mode in args.containment.split(","):
+        saved = os.environ.pop("VIGIL_TEST_DISABLE_CONTAINMENT", None)
+        if mode == "process-group":
+            os.environ["VIGIL_TEST_DISABLE_CONTAINMENT"] = "1"
+        elif mode != "cgroup":
+            raise SystemExit(f"bench: --containment: unknown mode {mode!r}")
+        try:
+            print(f"\n=== containment: {mode}", flush=True)
+            results[mode] = run_mode(args, mode)
+        finally:
+            os.environ.pop("VIGIL_TEST_DISABLE_CONTAINMENT", None)
+            if saved is not None:
+                os.environ["VIGIL_TEST_DISABLE_CONTAINMENT"] = saved
+    if len(results) > 1:
+        print("\nside by side (what the cgroups cost):")
+        for mode, r in results.items():
+            a = r["agent"]
+            print(
+                f"  {mode:14} RSS max {a['rss_mb_max']:.1f} MB, idle CPU {a['cpu_pct']:.2f} %, "
+                f"monitor commands {r['monitor_commands']['cpu_pct']:.2f} %, apply -> all "
+                f"running {r['apply_to_all_running_s']:.2f} s, cgroups {r['cgroups']}"
+            )
+    combined = {"benchmark": NAME, "time": benchlib.utc_now(), "modes": results}
+    path = benchlib.write_results(NAME, combined, args.output)
+    print(f"written to {path}")
+    print(benchlib.json_line(combined))
+    return 0
+
+
+def count_cgroups(root: Path | None) -> int:
+    if root is None or not root.exists():
+        return 0
+    return sum(len(dirs) for _, dirs, _ in os.walk(root))
+
+
+def run_mode(args: argparse.Namespace, mode: str) -> dict[str, Any]:
     from vigil.testing.cluster import LocalCluster
 
     work = Path(tempfile.mkdtemp(prefix="vigil-bench-fp-"))
@@ -275,6 +321,8 @@ def run(args: argparse.Namespace) -> int:
         result: dict[str, Any] = {
             "benchmark": NAME,
             "time": benchlib.utc_now(),
+            "containment": mode,
+            "cgroups": count_cgroups(cluster.cgroup_root) if mode == "cgroup" else 0,
             "packages": args.packages,
             "settle_s": args.settle,
             **m,
@@ -296,10 +344,7 @@ def run(args: argparse.Namespace) -> int:
         print_table(result)
         for w in warnings:
             print(f"WARNING: {w}")
-        path = benchlib.write_results(NAME, result, args.output)
-        print(f"written to {path}")
-        print(benchlib.json_line(result))
-        return 0
+        return result
     finally:
         cleanup(work, cluster, procs, keep=args.keep)
 
@@ -312,6 +357,7 @@ def print_table(r: dict[str, Any]) -> None:
 
     t = r["targets"]
     rows = [
+        ("containment", r["containment"], f"{r['cgroups']} cgroups"),
         ("packages (1 service + 1 monitor each)", f"{r['packages']}", ""),
         ("apply -> all running", f"{r['apply_to_all_running_s']:.2f} s", ""),
         ("  of which the vigil apply command", f"{r['apply_cmd_s']:.2f} s", ""),
@@ -363,6 +409,11 @@ def main() -> int:
     p.add_argument("--settle", type=float, default=5.0, help="pause before the window, s (5)")
     p.add_argument(
         "--start-timeout", type=float, default=300.0, help="for all packages to run, s (300)"
+    )
+    p.add_argument(
+        "--containment",
+        default="cgroup,process-group",
+        help="modes measured one after the other (cgroup,process-group)",
     )
     p.add_argument("--output", type=Path, default=None, help=f"default results/{NAME}.json")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")

@@ -22,7 +22,9 @@ the exit, reaping it, deciding, fork/exec, and the dynamic loader of the new pro
 
 * vigil: a :class:`~vigil.testing.cluster.LocalCluster` (a real ``vigild`` on a real
   SQLite store) in a temporary directory, one package with one service,
-  ``restart = "unlimited"``, ``restart_delay = "0s"``.
+  ``restart = "unlimited"``, ``restart_delay = "0s"``; with its default containment
+  (a cgroup per service, joined between fork and exec, and ``cgroup.kill`` of what
+  the crashed process left before the new one is spawned), shown in the output.
 * supervisord (the ``supervisord`` installed from PyPI in the same environment): a
   generated ``supervisord.conf`` in the same temporary directory, no control socket,
   ``autorestart = true``, ``startsecs = 0``, a large ``startretries``, everything else
@@ -396,6 +398,7 @@ def run(args: argparse.Namespace) -> int:
                 warnings.append(f"{side.name}: {side.stale} stale announcement(s) ignored")
 
         v, s = stats_ms(vigil), stats_ms(sv)
+        containment = cluster.view()["nodes"]["node1"].get("containment")
         result: dict[str, Any] = {
             "benchmark": NAME,
             "time": benchlib.utc_now(),
@@ -403,7 +406,7 @@ def run(args: argparse.Namespace) -> int:
             "warmup": args.warmup,
             "program": kind,
             "unit": "ms",
-            "vigil": {**v, **check},
+            "vigil": {**v, **check, "containment": containment},
             "supervisord": {**s, "version": benchlib.package_version("supervisor")},
             "ratio_supervisord_over_vigil": {
                 "p50": ratio(s["p50"], v["p50"]),
@@ -453,7 +456,8 @@ def print_table(r: dict[str, Any]) -> None:
     print(f"{'sv / vigil':14}{fmt(rt['p50'])}{'':13}{fmt(rt['p99'])}")
     print(
         f"vigil restart count: {r['vigil']['restarts_reported']} reported, "
-        f"{r['vigil']['restarts_expected']} expected; state {r['vigil']['state']}"
+        f"{r['vigil']['restarts_expected']} expected; state {r['vigil']['state']}; "
+        f"containment {r['vigil']['containment']}"
     )
 
 

@@ -1,4 +1,4 @@
-"""``python -m lab --seed N --steps N [--hosts N] [--broken nofence] [--root DIR]``
+"""``python -m lab --seed N --steps N [--hosts N] [--broken nofence|nocontain] [--root DIR]``
 
 The fault lab (see docs/reliability.md). Needs root, iproute2, nftables,
 util-linux and etcd. Exit status: 0 all audits passed, 1 an audit failed,
@@ -20,7 +20,7 @@ from pathlib import Path
 from lab.audit import KNOWN_ISSUES
 from lab.cluster import LabCluster
 from lab.net import cleanup_dead, list_netns
-from lab.run import Run, broken_check, write_summary
+from lab.run import BROKEN, Run, broken_check, write_summary
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--hosts", type=int, default=4, choices=range(3, 6))
-    parser.add_argument("--broken", default="", choices=["", "nofence"])
+    parser.add_argument("--broken", default="", choices=["", *BROKEN])
     parser.add_argument(
         "--known",
         default="",
@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--broken-check",
         action="store_true",
-        help="run the broken build (no self-fencing) one step; exit 0 if the lab caught it",
+        help="run a broken build (--broken, default nofence: no self-fencing; nocontain: "
+        "no cgroups) one step; exit 0 if the lab caught it",
     )
     args = parser.parse_args(argv)
     if args.cleanup:
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         print("the lab needs root (network namespaces)", file=sys.stderr)
         return 2
     if args.broken_check:
-        return _broken_check(args.root)
+        return _broken_check(args.root, args.broken or "nofence")
     cleanup_dead("vgl")
     root = args.root or Path(tempfile.mkdtemp(prefix=f"vigil-lab-{args.seed}-"))
     root.mkdir(parents=True, exist_ok=True)
@@ -85,10 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _broken_check(root: Path | None) -> int:
+def _broken_check(root: Path | None, kind: str) -> int:
     root = root or Path(tempfile.mkdtemp(prefix="vigil-lab-broken-"))
-    print(f"lab: broken build (VIGIL_TEST_DISABLE_FENCING=1), root {root}")
-    result = broken_check(root, lambda line: print(f"{time.strftime('%H:%M:%S')} {line}"))
+    print(f"lab: broken build {kind} ({BROKEN[kind]}), root {root}")
+    result = broken_check(root, kind, lambda line: print(f"{time.strftime('%H:%M:%S')} {line}"))
     left = list_netns(f"vgl{os.getpid()}-")
     if left:
         print(f"lab: namespaces left behind: {left}")

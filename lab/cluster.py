@@ -35,6 +35,7 @@ from types import TracebackType
 from typing import Any
 
 from lab.net import SUBNET, Host, HostProcess, Network, NetworkError, children
+from vigil.supervise.cgroup import Cgroup, find_hierarchy
 from vigil.testing.etcd import find_etcd
 
 ETCD_MEMBERS = 3
@@ -42,6 +43,8 @@ CLIENT_PORT = 2379
 PEER_PORT = 2380
 SERVICE_PORT = 8000
 NODE_TIMEOUT = 3.0
+#: Where a lab host (its agent's mount namespace) has cgroup v2 mounted.
+CGROUP_MOUNT = "/sys/fs/cgroup"
 # etcd as docs/operations.md ("The etcd cluster") recommends for this node_timeout:
 # an election (up to twice the election timeout) ends well before an agent that lost
 # its renewals fences itself (0.6 x node_timeout), and pre-vote (off by default in
@@ -127,6 +130,7 @@ class LabCluster:
         for d in (self.config / "packages", self.config / "scripts", self.logs, self.ctl):
             d.mkdir(parents=True, exist_ok=True)
         self.net = Network(hosts)
+        self.cgroup_subtree = f"vigil-{self.net.prefix}"
         self.hosts = self.net.hosts
         self.etcd_hosts = self.hosts[:ETCD_MEMBERS]
         self.packages = [
@@ -165,8 +169,12 @@ class LabCluster:
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("VIGIL_", "ETCD"))}
         env["VIGIL_CONFIG"] = str(self.config)
+        # each lab its own cgroup subtree: labs side by side never meet
+        env["VIGIL_CGROUP_ROOT"] = f"{CGROUP_MOUNT}/{self.cgroup_subtree}"
         if self.broken == "nofence":
             env["VIGIL_TEST_DISABLE_FENCING"] = "1"
+        if self.broken == "nocontain":
+            env["VIGIL_TEST_DISABLE_CONTAINMENT"] = "1"
         return env
 
     # -- etcd -------------------------------------------------------------------
@@ -216,7 +224,14 @@ class LabCluster:
     def start_agent(self, host: Host) -> None:
         self.stop_agent_namespace(host)
         argv = [_bin("vigild"), "--node", host.name, "--config", str(self.config)]
-        script = " ".join(f"'{a}'" for a in argv) + "; exec sleep infinity"
+        # `ip netns exec` mounts a sysfs of its own, which hides the host's cgroup
+        # mounts: mount cgroup v2 where a booted machine has it (in the agent's own
+        # mount namespace), so the agent contains its packages as on a real host.
+        script = (
+            f"mount -t cgroup2 cgroup2 {CGROUP_MOUNT} 2>/dev/null; "
+            + " ".join(f"'{a}'" for a in argv)
+            + "; exec sleep infinity"
+        )
         with (self.logs / f"{host.name}.log").open("ab") as log:
             self.agents[host.name] = host.popen(
                 ["sh", "-c", script], pidns=True, stdout=log, stderr=log, env=self.env()
@@ -372,6 +387,20 @@ class LabCluster:
 
     def close(self) -> None:
         self.net.close()
+        self._remove_cgroups()
+
+    def _remove_cgroups(self) -> None:
+        """The lab's cgroup subtree, as this process sees the hierarchy (emptied by the
+        end of its processes; killed here if anything is left)."""
+        hierarchy = find_hierarchy()
+        if hierarchy is None:
+            return
+        path = hierarchy / self.cgroup_subtree
+        if path.exists():
+            cg = Cgroup.at(hierarchy, path)
+            cg.kill()
+            cg.wait_empty_sync(5.0)
+            cg.remove()
 
     def __enter__(self) -> LabCluster:
         self.net.__enter__()
@@ -383,4 +412,7 @@ class LabCluster:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.net.__exit__(exc_type, exc, tb)
+        try:
+            self.net.__exit__(exc_type, exc, tb)
+        finally:
+            self._remove_cgroups()

@@ -273,11 +273,27 @@ def write_summary(root: Path, result: Result) -> str:
     return text
 
 
-def broken_check(root: Path, say: Any = print) -> Result:
-    """The lab must catch a double run: with self-fencing disabled (``nofence``), a
-    paused agent's package keeps running while another host starts it. One step on
-    three hosts; the returned result must have failed the double-run audit."""
-    with LabCluster(root, hosts=3, packages=1, broken="nofence") as lab:
-        pause = Fault("pause-agent", [lab.hosts[0].name], 4 * lab.node_timeout)
-        reproduce = "python -m lab --broken-check"
-        return Run(lab, 0, 1, say, faults=[pause], reproduce=reproduce).run()
+#: The deliberately broken builds the lab must catch, and what each turns off.
+BROKEN = {
+    "nofence": "VIGIL_TEST_DISABLE_FENCING=1: no self-fencing",
+    "nocontain": "VIGIL_TEST_DISABLE_CONTAINMENT=1: process groups only, no cgroups",
+}
+
+
+def broken_check(root: Path, kind: str = "nofence", say: Any = print) -> Result:
+    """The lab must catch a double run of a broken build, in one step on three hosts:
+
+    * ``nofence`` (self-fencing disabled): a paused agent's package keeps running
+      while another host starts it;
+    * ``nocontain`` (no cgroups): the agent is SIGKILLed; its sentinel kills the
+      witness's process group, but the witness's detached daemon (setsid) escapes
+      and keeps writing while another host starts the package.
+
+    The returned result must have failed the double-run audit."""
+    with LabCluster(root, hosts=3, packages=1, broken=kind) as lab:
+        if kind == "nocontain":
+            fault = Fault("kill-agent", [lab.hosts[0].name], 4 * lab.node_timeout)
+        else:
+            fault = Fault("pause-agent", [lab.hosts[0].name], 4 * lab.node_timeout)
+        reproduce = f"python -m lab --broken-check --broken {kind}"
+        return Run(lab, 0, 1, say, faults=[fault], reproduce=reproduce).run()

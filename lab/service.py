@@ -10,7 +10,11 @@ It is :mod:`vigil.testing.witness` (start/alive/stop records with host, package 
 - an HTTP answer ``HOST PACKAGE PID`` on ``0.0.0.0:PORT`` of its host, so a client on
   another host sees which host serves the package's relocatable address;
 - the crash-loop fault: while ``CTL_DIR/PACKAGE.crash`` exists it exits 1 at once
-  (and a running one exits within one heartbeat).
+  (and a running one exits within one heartbeat);
+- a detached daemon (fork, setsid, fork: ``witness --detached``) that writes
+  heartbeats of the same incarnation: it leaves the service's process group, so
+  only the package's cgroup can stop it, and the no-overlap audit sees it if
+  anything lets it outlive its package.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ def main(argv: list[str]) -> int:
         target=witness.serve_http, args=(int(port), answer, "0.0.0.0"), daemon=True
     ).start()
     threading.Thread(target=_crash_watch, args=(flag,), daemon=True).start()
-    return witness.main([log, package])
+    return witness.main([log, package, "--detached"])
 
 
 if __name__ == "__main__":

@@ -23,6 +23,17 @@ def cluster(tmp_path: Path) -> Iterator[LocalCluster]:
 
 
 @pytest.fixture
+def n1(tmp_path: Path) -> Iterator[LocalCluster]:
+    """One node, ``n1``, node_timeout 2 s; its agent must never log a traceback."""
+    c = LocalCluster(tmp_path, ["n1"], node_timeout="2s")
+    try:
+        yield c
+    finally:
+        c.close()
+        assert "Traceback" not in c.agent_log("n1"), c.agent_log("n1")
+
+
+@pytest.fixture
 def two_nodes(tmp_path: Path) -> Iterator[LocalCluster]:
     c = LocalCluster(tmp_path, ["node1", "node2"])
     try:

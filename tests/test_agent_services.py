@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import time
+from pathlib import Path
 
 import pytest
 
@@ -242,3 +244,70 @@ def test_node_fail_fast_runs_fence_command(tmp_path_factory: pytest.TempPathFact
         assert "fences itself" in c.agent_log("node1")
     finally:
         c.close()
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("arping") is None or shutil.which("ip") is None,
+    reason="needs root, iproute2 and arping",
+)
+def test_held_address_is_announced_again_while_held(cluster: LocalCluster) -> None:
+    """A host that missed the gratuitous ARPs of a new holder (it was cut off) has a
+    stale neighbour entry: the holder announces the address again every GARP_REFRESH
+    s, so the entry is corrected without waiting for the kernel to re-resolve it."""
+    import subprocess
+
+    from vigil.agent.package import GARP_REFRESH
+
+    tag = f"vgt{os.getpid() % 100000}"
+    host_if, peer_if, peer_ns = f"{tag}a", f"{tag}b", f"{tag}ns"
+
+    def ip(*args: str) -> str:
+        return subprocess.run(["ip", *args], capture_output=True, text=True, check=True).stdout
+
+    try:
+        ip("netns", "add", peer_ns)
+        ip("link", "add", host_if, "type", "veth", "peer", "name", peer_if, "netns", peer_ns)
+        ip("link", "set", host_if, "up")
+        ip("-n", peer_ns, "link", "set", peer_if, "up")
+        ip("-n", peer_ns, "addr", "add", "10.251.0.2/24", "dev", peer_if)
+        mac = Path(f"/sys/class/net/{host_if}/address").read_text().strip()
+        web(cluster, 'command = ["sleep", "1000"]\n',
+            extra=f'[[address]]\nip = "10.251.0.1/24"\ninterface = "{host_if}"\n')  # fmt: skip
+        cluster.apply()
+        cluster.start_agents()
+        cluster.wait_state("web", "running")
+
+        def peer_sees() -> str:
+            return ip("-n", peer_ns, "neigh", "show", "10.251.0.1", "dev", peer_if)
+
+        def burst_running() -> bool:
+            pat = f"arping -q -U -c .* -I {host_if}"
+            return subprocess.run(["pgrep", "-f", pat], capture_output=True).returncode == 0
+
+        # after the first gratuitous ARPs (a burst at start) ...
+        wait_until_sync(lambda: not burst_running(), 15, interval=0.1, what="the burst done")
+        # ... the peer's entry points elsewhere, as after a partition healed
+        ip("-n", peer_ns, "neigh", "replace", "10.251.0.1", "lladdr", "02:00:00:00:00:99",
+           "dev", peer_if, "nud", "stale")  # fmt: skip
+        assert "02:00:00:00:00:99" in peer_sees()
+        wait_until_sync(lambda: mac in peer_sees(), GARP_REFRESH * 2 + 2, interval=0.1,
+                        what=f"the peer's neighbour entry corrected to {mac}")  # fmt: skip
+        cluster.vigil("package", "halt", "web", "--wait")
+        left = subprocess.run(["pgrep", "-f", f"arping.*{host_if}"], capture_output=True)
+        assert left.returncode != 0, "an arping outlived the address"
+    finally:
+        subprocess.run(["ip", "link", "del", host_if], capture_output=True)
+        subprocess.run(["ip", "netns", "del", peer_ns], capture_output=True)
+
+
+@pytest.mark.parametrize("restart", ['"none"', "3"])
+def test_service_that_dies_at_once_fails_the_package(cluster: LocalCluster, restart: str) -> None:
+    """A service whose command fails at once (a bad flag, a missing file) spends its
+    budget while the package's start is still finishing: the failure is carried out
+    when the start ends, not dropped (the package must not stay "running")."""
+    web(cluster, f'command = ["false"]\nrestart = {restart}\n')
+    cluster.apply()
+    cluster.start_agents()
+    p = cluster.wait_state("web", "failed", 20)
+    assert "service main failed" in p["message"]
+    assert p["halt_reason"] == "failure"

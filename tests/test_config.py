@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import resource
 from pathlib import Path
 
 import pytest
@@ -88,6 +89,9 @@ halt_script_timeout = "30s"
 successor_halt_timeout = "1m"
 restart_limit = 2
 restart_window = "5m"
+halt_timeout = "15s"
+log_max_size = "20M"
+log_keep = 3
 node_fail_fast = true
 [env]
 DB_PORT = "5432"
@@ -107,8 +111,21 @@ restart_window = "none"
 restart_delay = "100ms"
 halt_timeout = "20s"
 fail_fast = true
-user = "postgres"
-cwd = "/data"
+user = "nobody"
+group = "0"
+umask = "0027"
+cwd = "{tmp_path}"
+stop_signal = "INT"
+kill_mode = "mixed"
+limit_nofile = "1024:65536"
+limit_core = "infinity"
+limit_nproc = 4096
+[[service]]
+name = "daemon"
+command = ["/usr/sbin/daemon"]
+type = "forking"
+pid_file = "/run/daemon.pid"
+start_timeout = "5s"
 [[monitor]]
 name = "probe"
 command = ["pg_isready"]
@@ -133,6 +150,24 @@ location = "same_node"
     assert spec.service[0].restart_delay == 0.1
     assert spec.run_script_timeout is None
     assert spec.monitor[0].action == "failover"
+    pg, daemon = spec.service
+    assert (pg.stop_signal, pg.stop_signum, pg.kill_mode) == ("SIGINT", 2, "mixed")
+    assert (pg.user, pg.group, pg.umask) == ("nobody", "0", 0o027)
+    assert pg.limits() == {
+        "core": (resource.RLIM_INFINITY, resource.RLIM_INFINITY),
+        "nproc": (4096, 4096),
+        "nofile": (1024, 65536),
+    }
+    assert (daemon.type, daemon.pid_file, daemon.start_timeout) == (
+        "forking",
+        "/run/daemon.pid",
+        5.0,
+    )
+    assert (pg.type, pg.kill_mode, daemon.stop_signal) == ("simple", "mixed", "SIGTERM")
+    assert (spec.halt_timeout, spec.log_max_size, spec.log_keep) == (15.0, 20 * 1024**2, 3)
+    # what the store keeps reads back the same (the config is applied as JSON)
+    again = type(spec).model_validate_json(spec.model_dump_json())
+    assert again == spec
     assert spec.address[0].ip == "10.0.0.10/24"
     assert any("run_script_timeout" in w for w in report.warnings)
 

@@ -1,10 +1,15 @@
 """The fault lab must catch a double run (docs/reliability.md).
 
-A deliberately broken build (``VIGIL_TEST_DISABLE_FENCING=1``: the sentinel is never
-armed and self-fencing kills nothing) runs one lab step: the agent of the host that
-runs the package is paused past ``node_timeout``, another host starts the package,
-and the lab's double-run audit must fail. Real hosts (network namespaces), real
-etcd, real agents: root only.
+Deliberately broken builds run one lab step each, and the lab's double-run audit
+must fail:
+
+* ``nofence`` (``VIGIL_TEST_DISABLE_FENCING=1``: the sentinel is never armed and
+  self-fencing kills nothing): the agent of the host that runs the package is paused
+  past ``node_timeout``, another host starts the package;
+* ``nocontain`` (``VIGIL_TEST_DISABLE_CONTAINMENT=1``: process groups, no cgroups):
+  that agent is SIGKILLed; the witness's detached daemon escapes its sentinel.
+
+Real hosts (network namespaces), real etcd, real agents: root only.
 """
 
 from __future__ import annotations
@@ -31,10 +36,11 @@ pytestmark = [
 
 
 @pytest.mark.timeout(110)
-def test_lab_catches_a_double_run_of_the_broken_build(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["nofence", "nocontain"])
+def test_lab_catches_a_double_run_of_the_broken_build(tmp_path: Path, kind: str) -> None:
     require_etcd()
     proc = subprocess.run(
-        [sys.executable, "-m", "lab", "--broken-check", "--root", str(tmp_path)],
+        [sys.executable, "-m", "lab", "--broken-check", "--broken", kind, "--root", str(tmp_path)],
         cwd=ROOT,
         capture_output=True,
         text=True,

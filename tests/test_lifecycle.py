@@ -203,8 +203,8 @@ def test_validate_exit_codes(cluster: LocalCluster, code: int, ok: bool) -> None
     else:
         assert out.returncode == 2
         assert (
-            f"web.toml: external_script[0]: {cluster.config}/scripts/v.sh validate exited {code}"
-            in out.stderr
+            f"web.toml: external_script[0]: {cluster.config}/scripts/v.sh validate exited with "
+            f"status {code}" in out.stderr
         )
         applied = cluster.vigil("apply", str(cluster.config), check=False)
         assert applied.returncode == 2

@@ -126,15 +126,30 @@ def test_unrunnable_program(tmp_path: Path, make: object, expect: str) -> None:
     assert "\n" not in msg
 
 
-def test_bad_cwd_user_and_log(tmp_path: Path) -> None:
+def test_bad_cwd_user_group_and_command(tmp_path: Path) -> None:
     with pytest.raises(SpawnError, match="working directory .*/nowhere"):
         spawn(["true"], env=ENV, cwd=tmp_path / "nowhere")
     with pytest.raises(SpawnError, match="'no-such-user-xyz'"):
         spawn(["true"], env=ENV, user="no-such-user-xyz")
-    with pytest.raises(SpawnError, match="log file .*/no/dir/log"):
-        spawn(["true"], env=ENV, log_path=tmp_path / "no" / "dir" / "log")
+    with pytest.raises(SpawnError, match="unknown group 'no-such-group-xyz'"):
+        spawn(["true"], env=ENV, group="no-such-group-xyz")
     with pytest.raises(SpawnError, match="empty command"):
         spawn([], env=ENV)
+
+
+def test_a_log_never_stops_a_process(tmp_path: Path) -> None:
+    """A removed log directory is made again; a log that cannot be opened at all (here a
+    directory) sends the output to /dev/null: the process runs either way."""
+
+    async def scenario() -> None:
+        log = tmp_path / "gone" / "dir" / "pkg.log"
+        assert await spawn(["sh", "-c", "echo hello"], env=ENV, log_path=log).wait() == 0
+        assert log.read_text() == "hello\n"
+        blocked = tmp_path / "a-directory"
+        blocked.mkdir()
+        assert await spawn(["sh", "-c", "echo lost"], env=ENV, log_path=blocked).wait() == 0
+
+    asyncio.run(scenario())
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root")

@@ -21,7 +21,7 @@ from vigil.config import ClusterSpec
 from vigil.errors import CmdsyncUnavailable, Conflict, NotFound, UsageError
 from vigil.keys import Keys
 from vigil.model import CmdsyncEntry
-from vigil.snapshot import Snapshot, decode, encode
+from vigil.snapshot import Snapshot, decode, decode_all, encode
 from vigil.store import Compare, Delete, Put, Store
 
 RETRIES = 20
@@ -108,7 +108,7 @@ def new_descriptor(node: str) -> str:
 
 async def list_entries(store: Store, keys: Keys) -> list[Stored]:
     kvs, _ = await store.range(keys.cmdsyncs)
-    return [Stored(decode(CmdsyncEntry, kv), kv.mod_revision) for kv in kvs]
+    return [Stored(entry, kv.mod_revision) for kv, entry in decode_all(CmdsyncEntry, kvs)]
 
 
 async def get(store: Store, keys: Keys, descriptor: str) -> Stored:

@@ -18,9 +18,32 @@
 
 Messages are one line and say what was wrong, where, and what was expected.
 Third-party errors are converted at the boundary: ``raise StoreUnavailable(...) from exc``.
+Anything else that reaches the top of ``vigil`` or ``vigild`` is a bug: their error
+boundary prints it as one line with ``BUG_HINT`` and exits ``INTERNAL_ERROR``.
 """
 
 from __future__ import annotations
+
+INTERNAL_ERROR = 70  # sysexits.h EX_SOFTWARE: an unexpected exception, a bug in vigil
+BUG_HINT = (
+    "this is a bug in vigil; please report it with the command that caused it "
+    "(VIGIL_DEBUG=1 shows the traceback)"
+)
+
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def one_line(text: str) -> str:
+    """``text`` with every control character escaped (``\\n``, ``\\x00``...), so that
+    a message quoting user input (a key, a file name) stays one line."""
+    if text.isprintable():
+        return text
+    return "".join(
+        _ESCAPES.get(c) or (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
+        if not c.isprintable() and c != " "
+        else c
+        for c in text
+    )
 
 
 class VigilError(Exception):

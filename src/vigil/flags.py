@@ -19,7 +19,7 @@ import os
 from vigil.errors import UsageError
 from vigil.keys import Keys
 from vigil.model import FlagRecord
-from vigil.snapshot import decode, encode
+from vigil.snapshot import decode_all, encode
 from vigil.store import Compare, Delete, Put, Store
 
 MAX_FLAG = 200
@@ -74,9 +74,9 @@ async def list_flags(
     prefix = keys.node_flags(node) if node is not None else keys.flags
     kvs, _ = await store.range(prefix)
     out: dict[str, dict[str, FlagRecord]] = {}
-    for kv in kvs:
+    for kv, record in decode_all(FlagRecord, kvs):
         node_name, _, name = kv.key[len(keys.flags) :].partition("/")
-        out.setdefault(node_name, {})[name] = decode(FlagRecord, kv)
+        out.setdefault(node_name, {})[name] = record
     return out
 
 

@@ -28,6 +28,7 @@ from vigil.config import ClusterSpec
 from vigil.supervise.command import run_command
 
 if TYPE_CHECKING:
+    from vigil.supervise.cgroup import Cgroup
     from vigil.supervise.sentinel import ProcessRegistry
 
 KINDS = ("restore", "remove", "delete")
@@ -67,9 +68,12 @@ async def run_phase(
     config_dir: str | None = None,
     log_path: str | Path | None = None,
     registry: ProcessRegistry | None = None,
+    cgroup: Cgroup | None = None,
 ) -> list[HookRun]:
     """Run every hook of ``phase`` in order; what each did. A hook that could not be
-    started (missing, or a fenced node, which spawns nothing) has ``ok`` False."""
+    started (missing, or a fenced node, which spawns nothing) has ``ok`` False.
+    ``cgroup``: where to run them (the package's ``run`` leaf for a package's
+    restore/remove hooks)."""
     runs: list[HookRun] = []
     env = hook_env(cluster, node, phase, package, config_dir)
     for path in getattr(cluster.hooks, phase):
@@ -79,6 +83,7 @@ async def run_phase(
             timeout=cluster.hooks.timeout,
             log_path=log_path,
             registry=registry,
+            cgroup=cgroup,
         )
         ok = res.exit_code == 0 and not res.timed_out
         runs.append(HookRun(path, ok, f"{path} {phase}: {res.describe(cluster.hooks.timeout)}"))

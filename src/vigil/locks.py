@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from vigil.errors import NotFound, Timeout, UsageError
 from vigil.keys import Keys
 from vigil.model import LockEntry
-from vigil.snapshot import decode, encode
+from vigil.snapshot import decode_all, encode
 from vigil.store import Store
 
 POLL = 0.1
@@ -105,7 +105,7 @@ async def queue(store: Store, keys: Keys) -> list[Held]:
     """The holder first, then the waiters in order."""
     kvs, _ = await store.range(keys.admin_lock)
     kvs.sort(key=lambda kv: kv.create_revision)
-    return [Held(kv.key, decode(LockEntry, kv), kv.create_revision) for kv in kvs]
+    return [Held(kv.key, e, kv.create_revision) for kv, e in decode_all(LockEntry, kvs)]
 
 
 async def reap(store: Store, keys: Keys, node: str, entries: list[Held]) -> list[Held]:

@@ -61,7 +61,7 @@ class HaltReason(enum.StrEnum):
 
 
 class _Record(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 class NodeRecord(_Record):
@@ -71,6 +71,9 @@ class NodeRecord(_Record):
     pid: int
     started_at: float = Field(default_factory=time.time)
     version: str = "0.1.0"
+    #: How the node contains its packages' processes: "cgroup" (cgroup v2) or
+    #: "process-group" (cgroups cannot be written there; see docs/operations.md).
+    containment: str = "process-group"
 
 
 class ServiceStatus(_Record):

@@ -3,10 +3,12 @@
 This is the shape of ``vigil status --json`` (CONCEPTS §9)::
 
     {"cluster": NAME, "revision": INT,
-     "nodes": {NAME: {"state": "up"|"down"|"halted", "pid": INT|null}},
+     "nodes": {NAME: {"state": "up"|"down"|"halted", "pid": INT|null,
+                      "containment": "cgroup"|"process-group"|null}},
      "packages": {NAME: {"state": ..., "node": NAME|null, "auto_run": bool,
                          "halt_reason": ..., "degraded": bool, "stale": bool, ...,
-                         "services": {NAME: {"pid": INT|null, "restarts": INT}}}}}
+                         "services": {NAME: {"pid": INT|null, "restarts": INT}}}},
+     "problems": ["store key KEY: what is wrong", ...]}   # records left out
 
 A node is listed while it is up, listed in cluster.toml's ``nodes``, or remembered as
 a member (it joined once; ``vigil node remove`` forgets it): a member that is not up
@@ -19,7 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 from vigil.model import ACTIVE_STATES, NodeState, PackageState
-from vigil.snapshot import Snapshot
+from vigil.snapshot import UNREADABLE, Snapshot
 
 
 def package_state(snap: Snapshot, pkg: str) -> tuple[PackageState, str | None, str]:
@@ -31,6 +33,8 @@ def package_state(snap: Snapshot, pkg: str) -> tuple[PackageState, str | None, s
     st = snap.status_of(pkg)
     owner = snap.owners.get(pkg)
     target = snap.assignments.get(pkg)
+    if owner == UNREADABLE:
+        return st.state, None, "its owner key cannot be read (see vigil status)"
     if st.state is PackageState.HALT_FAILED and owner != st.node:
         # its node is gone, but a failed stop may have left things behind: still blocked
         return st.state, st.node, f"{st.message}; node {st.node} is down"
@@ -69,6 +73,7 @@ def cluster_view(snap: Snapshot) -> dict[str, Any]:
         nodes[name] = {
             "state": node_state.value,
             "pid": rec.pid if rec else None,
+            "containment": rec.containment if rec else None,
             "packages": sorted(p for p, n in snap.owners.items() if n == name),
             "controller": snap.controller == name,
             "flags": sorted(snap.flags.get(name, ())),
@@ -120,4 +125,5 @@ def cluster_view(snap: Snapshot) -> dict[str, Any]:
         "revision": snap.revision,
         "nodes": nodes,
         "packages": packages,
+        "problems": list(snap.problems),
     }

@@ -31,7 +31,7 @@ from vigil.errors import CommandLoop, VigilError
 from vigil.keys import Keys
 from vigil.locks import pid_namespace
 from vigil.model import WaitEdge
-from vigil.snapshot import decode, encode
+from vigil.snapshot import decode_all, encode
 from vigil.store import Compare, Delete, Store
 from vigil.supervise import procfs
 
@@ -86,7 +86,7 @@ def stale(edge: WaitEdge, node: str) -> bool:
 
 async def read_edges(store: Store, keys: Keys) -> list[StoredEdge]:
     kvs, _ = await store.range(keys.waits)
-    return [StoredEdge(decode(WaitEdge, kv), kv.mod_revision) for kv in kvs]
+    return [StoredEdge(edge, kv.mod_revision) for kv, edge in decode_all(WaitEdge, kvs)]
 
 
 async def check(store: Store, keys: Keys, waiter: str, node: str) -> None:

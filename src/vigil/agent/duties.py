@@ -33,9 +33,10 @@ class Duty(Protocol):
 def default_duties(agent: Agent) -> list[Duty]:
     from vigil.agent.cmdsync import CmdsyncDuty
     from vigil.agent.housekeeping import Housekeeping
+    from vigil.agent.logrotate import LogRotation
     from vigil.agent.waits import WaitEdgeCleanup
 
-    return [Housekeeping(agent), CmdsyncDuty(agent), WaitEdgeCleanup(agent)]
+    return [Housekeeping(agent), CmdsyncDuty(agent), WaitEdgeCleanup(agent), LogRotation(agent)]
 
 
 async def run_on_join(duties: list[Duty]) -> None:

@@ -23,6 +23,7 @@ from vigil.snapshot import read_snapshot
 if TYPE_CHECKING:
     from vigil.agent.node import Agent
     from vigil.snapshot import Snapshot
+    from vigil.supervise.cgroup import Cgroup
 
 log = logging.getLogger("vigil.agent")
 
@@ -39,7 +40,12 @@ class HookRunner:
         return snap.cluster if snap is not None else None
 
     async def _phase(
-        self, cluster: ClusterSpec, phase: str, pkg: str | None, why: str = ""
+        self,
+        cluster: ClusterSpec,
+        phase: str,
+        pkg: str | None,
+        why: str = "",
+        cgroup: Cgroup | None = None,
     ) -> bool:
         """Run one phase here; False if this node could not run it (fenced)."""
         a = self.agent
@@ -51,6 +57,7 @@ class HookRunner:
             config_dir=a.config_dir,
             log_path=a.log_dir / "hooks.log",
             registry=a.registry,
+            cgroup=cgroup,
         )
         for r in runs:
             if r.ok:
@@ -60,7 +67,11 @@ class HookRunner:
         return a.registry is None or a.registry.may_spawn()
 
     @contextlib.asynccontextmanager
-    async def around(self, kind: str, pkg: str) -> AsyncIterator[None]:
+    async def around(
+        self, kind: str, pkg: str, cgroup: Cgroup | None = None
+    ) -> AsyncIterator[None]:
+        """Run the pre- and post-hooks of ``kind`` around the body (in ``cgroup``, the
+        package's ``run`` leaf, so what they leave is the package's)."""
         cluster = self._cluster()
         if cluster is None or not configured(cluster, kind):
             yield
@@ -72,11 +83,11 @@ class HookRunner:
                 await flags.create(a.store, a.keys, a.node, flags.pending(kind), a.node)
         ran = False
         try:
-            await self._phase(cluster, f"pre_{kind}", pkg)
+            await self._phase(cluster, f"pre_{kind}", pkg, cgroup=cgroup)
             yield
         finally:
             try:
-                ran = await self._phase(cluster, f"post_{kind}", pkg)
+                ran = await self._phase(cluster, f"post_{kind}", pkg, cgroup=cgroup)
             finally:
                 async with self._locks[kind]:
                     self._active[kind] -= 1

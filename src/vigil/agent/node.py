@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import time
@@ -39,7 +38,14 @@ from vigil.agent.duties import default_duties, duty_loop, run_on_join
 from vigil.agent.events import EventLog
 from vigil.agent.hooks import HookRunner
 from vigil.agent.lease import FENCE_AT, LeaseKeeper
-from vigil.agent.package import AddressStep, Context, Outcome, PackageRunner
+from vigil.agent.package import (
+    IP_TIMEOUT,
+    AddressStep,
+    Context,
+    Outcome,
+    PackageRunner,
+    del_address,
+)
 from vigil.config import ClusterSpec, PackageSpec
 from vigil.errors import Compacted, StoreError, UsageError
 from vigil.keys import Keys
@@ -52,8 +58,10 @@ from vigil.model import (
     PackageStatus,
     StartReason,
 )
-from vigil.snapshot import Snapshot, encode, read_snapshot
+from vigil.snapshot import UNREADABLE, Snapshot, encode, read_snapshot
 from vigil.store import Compare, Delete, Op, Put, Store
+from vigil.supervise.command import run_captured
+from vigil.supervise.containment import KILL_WAIT, Mode, NodeContainment, PackageScope
 from vigil.supervise.monitor import MonitorVerdict
 from vigil.supervise.sentinel import ProcessRegistry, cleanup_leftovers
 
@@ -71,6 +79,11 @@ STATUS_FLUSH_INTERVAL = 0.05
 # which must catch the double runs it causes. Never set it in production: with it the
 # sentinel is never armed and self-fencing kills nothing.
 TEST_DISABLE_FENCING = os.environ.get("VIGIL_TEST_DISABLE_FENCING") == "1"
+# TEST-ONLY, the same kind: no cgroups, process groups only (as where cgroup v2 cannot
+# be written), so that the lab's setsid'ed witness escapes and is caught double-running.
+TEST_DISABLE_CONTAINMENT = os.environ.get("VIGIL_TEST_DISABLE_CONTAINMENT") == "1"
+#: How long fence_command may run before it counts as failed.
+FENCE_COMMAND_TIMEOUT = 60.0
 
 
 @dataclass
@@ -94,8 +107,9 @@ class Held:
     monitors: dict[str, MonitorStatus] = field(default_factory=dict)
     package_restarts: list[float] = field(default_factory=list)
     busy: asyncio.Task[None] | None = None
-    # failure handling that arrived while busy: run once the operation has finished
-    pending: Coroutine[Any, Any, None] | None = None
+    # what a failure asked for while ``busy`` (a service that died at once, while its
+    # start was still finishing): carried out as soon as that operation ends
+    deferred: Coroutine[Any, Any, None] | None = None
 
     def local(self) -> LocalPackage:
         return LocalPackage(
@@ -116,6 +130,7 @@ class Agent:
         state_dir: Path,
         config_dir: str | None = None,
         lease_store: Store | None = None,
+        cgroup_root: Path | None = None,
     ) -> None:
         self.store = store
         # The lease is renewed through its own store client (its own connection and,
@@ -130,6 +145,8 @@ class Agent:
         self.state_dir = state_dir
         self.config_dir = config_dir
         self.log_dir = state_dir / "log"
+        self.cgroup_root = cgroup_root
+        self.containment: NodeContainment | None = None
         self.registry: ProcessRegistry | None = None
         self.lease = 0
         self.held: dict[str, Held] = {}
@@ -142,6 +159,7 @@ class Agent:
         self._stopping = False
         self._fenced = asyncio.Event()
         self.left_cluster = False  # set by fence_node: the agent exits instead of rejoining
+        self._problems: set[str] = set()  # unreadable store records logged already
         self._claiming: set[str] = set()  # packages whose START is between decision and claim
         self._claim_tasks: dict[str, asyncio.Task[None]] = {}
         self._start_slots = asyncio.Semaphore(MAX_CONCURRENT_OPS)
@@ -163,10 +181,17 @@ class Agent:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         state_file = self.state_dir / "processes.json"
-        killed = cleanup_leftovers(state_file)
+        # These may wait (for the lock, for killed processes to go): not on the loop.
+        containment = await asyncio.to_thread(self._open_containment)
+        killed = await asyncio.to_thread(cleanup_leftovers, state_file)
         if killed:
             log.warning("killed %d leftover process group(s) of a previous agent", len(killed))
-        self.registry = ProcessRegistry.start(state_file)
+        found = await asyncio.to_thread(containment.cleanup_leftovers)
+        if found:
+            log.warning("killed %d leftover process(es) in this node's cgroups", found)
+        self.registry = ProcessRegistry.start(
+            state_file, log_path=self.log_dir / "sentinel.log", containment=containment
+        )
         try:
             while not stop.is_set():
                 await self._join()
@@ -187,17 +212,18 @@ class Agent:
                     t.cancel()
                 for t in done:
                     if t in self._tasks and not t.cancelled() and t.exception():
-                        log.error("agent task %s died: %r", t.get_name(), t.exception())
-                        self._fenced.set()
+                        # Nothing is watching this node's packages any more: fence (kill
+                        # them) before the lease goes, or they would run twice.
+                        self._fence(f"agent task {t.get_name()} died: {t.exception()!r}")
                 if self._fenced.is_set() and self.left_cluster:
                     await self._cancel_tasks()
                     return
                 if self._fenced.is_set() and not stop.is_set():
                     await self._cancel_tasks()
-                    # Everything was killed: give the lease up at once (if it is still
-                    # alive) so that other nodes need not wait for it to expire.
-                    with contextlib.suppress(StoreError):
-                        await self.store.lease_revoke(self.lease)
+                    # Everything was killed: once it is gone, give the lease up at once
+                    # (if it is still alive) so other nodes need not wait for it to expire.
+                    if await self._fence_settled():
+                        await self._give_up_lease()
                     await self._wait_for_store()
                     continue
                 break
@@ -207,9 +233,29 @@ class Agent:
             if self.registry is not None:
                 self.registry.close()
 
+    def _open_containment(self) -> NodeContainment:
+        """cgroup v2 for this node's packages, or process groups (said once, here)."""
+        try:
+            c = NodeContainment.open(
+                self.cluster.name,
+                self.node,
+                state_dir=self.state_dir,
+                root=self.cgroup_root,
+                disabled=TEST_DISABLE_CONTAINMENT,
+            )
+        except Exception as exc:  # NodeLocked, ContainmentError, an unusable state dir
+            raise UsageError(str(exc)) from None
+        if c.mode is Mode.CGROUP:
+            log.info("containment: %s", c.describe())
+        else:
+            log.warning("containment: %s", c.describe())
+        self.containment = c
+        return c
+
     async def _join(self) -> None:
         ttl = self.cluster.node_timeout
-        record = encode(NodeRecord(name=self.node, pid=os.getpid()))
+        mode = self.containment.mode.value if self.containment is not None else "process-group"
+        record = encode(NodeRecord(name=self.node, pid=os.getpid(), containment=mode))
         member = Put(self.keys.member(self.node), encode(MemberRecord(name=self.node)))
         deadline = time.monotonic() + 2 * ttl + 1
         granted = time.monotonic()
@@ -234,6 +280,8 @@ class Agent:
             self._arm(sent)
             await asyncio.sleep(0.1)
         log.info("node %s joined cluster %s (lease %x)", self.node, self.cluster.name, self.lease)
+        if self.registry is not None:
+            self.registry.set_lease(self.lease, self.cluster.store)
         await self._adopt_stale_statuses()
         await run_on_join(self.duties)
 
@@ -306,8 +354,7 @@ class Agent:
             ):
                 await self._halt(pkg, HaltReason.USER_HALT, "node agent stopping")
         await self._flush_dirty()
-        with contextlib.suppress(StoreError):
-            await self.store.lease_revoke(self.lease)
+        await self._give_up_lease()
         log.info("node %s left cluster %s", self.node, self.cluster.name)
 
     # ------------------------------------------------------------------ lease
@@ -347,9 +394,8 @@ class Agent:
         # every claim here, or the package would be skipped on this node for good.
         self._claiming.clear()
         if self.registry is not None and not TEST_DISABLE_FENCING:
-            self.registry.kill_all()
-            for addr in self.registry.drop_addresses():
-                log.warning("fencing: removed address %s", addr)
+            self.registry.kill_all()  # the node's cgroups and every known group
+            self._in_background(self._drop_addresses())
         for h in self.held.values():
             self._abandon(h)
         self.held.clear()
@@ -363,19 +409,59 @@ class Agent:
         that of a service whose process was already gone (killed by the sentinel while
         the agent was stopped, or waiting out its restart_delay): that supervisor would
         restart it here, once this node rejoined, while another node runs the package."""
-        if h.busy is not None:
+        if h.deferred is not None:
+            h.deferred.close()
+            h.deferred = None
+        if h.busy is not None and h.busy is not asyncio.current_task():
             h.busy.cancel()
-        if h.pending is not None:
-            h.pending.close()
-            h.pending = None
         if not TEST_DISABLE_FENCING:
+            scope = h.runner.ctx.scope
+            scope.kill_now()
+            self._in_background(self._remove_when_empty(scope))
             for step in h.runner.steps:
                 if isinstance(step, AddressStep):
-                    step.abandon()
+                    self._in_background(step.abandon())
         for step in h.runner.services:
             self._in_background(step.supervisor.stop())
         for monitor in h.runner.monitors.values():
             self._in_background(monitor.stop())
+
+    @staticmethod
+    async def _remove_when_empty(scope: PackageScope) -> None:
+        if await scope.wait_empty(KILL_WAIT):
+            scope.remove()
+
+    async def _drop_addresses(self) -> None:
+        """Fencing: remove every relocatable address this node has up, concurrently,
+        without blocking the loop (each ``ip`` with a timeout)."""
+        reg = self.registry
+        if reg is None:
+            return
+        addrs = sorted(reg.addresses())
+        results = await asyncio.gather(*(del_address(reg, ip, dev) for ip, dev in addrs))
+        for (ip, dev), ok in zip(addrs, results, strict=True):
+            if ok:
+                log.warning("fencing: removed address %s on %s", ip, dev)
+
+    async def _fence_settled(self, timeout: float = IP_TIMEOUT + 1) -> bool:
+        """After a fence: wait (up to about ``timeout`` + KILL_WAIT s) until the
+        addresses are removed and the node's cgroups are empty. True if nothing of a
+        package is left, so the lease may go now."""
+        if self._background:
+            await asyncio.wait(list(self._background), timeout=timeout)
+        if self.registry is not None and self.registry.addresses():
+            return False
+        c = self.containment
+        if c is not None and c.packages_cgroup is not None:
+            return await c.packages_cgroup.wait_empty(KILL_WAIT)
+        return True
+
+    async def _give_up_lease(self) -> None:
+        """Revoke the node's lease (the node leaves at once); the sentinel need not."""
+        with contextlib.suppress(StoreError):
+            await self.store.lease_revoke(self.lease)
+        if self.registry is not None:
+            self.registry.clear_lease()
 
     def _in_background(self, coro: Coroutine[Any, Any, Any]) -> None:
         async def run() -> None:
@@ -419,10 +505,14 @@ class Agent:
             return False
         if key.startswith(self.keys.statuses) and value:
             try:
-                data = json.loads(value)
-                summary: tuple[object, ...] = (data.get("state"), data.get("node"))
-            except (ValueError, AttributeError):
+                st = PackageStatus.model_validate_json(value, strict=True)
+            except ValueError:
+                # another writer left the status of a package this node holds
+                # unreadable: this node, its writer, writes it again
+                if self.keys.leaf(key) in self.held:
+                    self._mark_dirty(self.keys.leaf(key))
                 return True
+            summary: tuple[object, ...] = (st.state, st.node)
             if seen.get(key) == summary:
                 return False
             seen[key] = summary
@@ -478,6 +568,21 @@ class Agent:
         snap = await read_snapshot(self.store, self.keys)
         read_at = snap.revision  # the owners in snap are as of this revision
         self._reconciled_at = read_at
+        self._log_problems(snap)
+        if snap.controller == UNREADABLE:
+            # no agent is the controller an unreadable leader key names: remove that key
+            # (only that very key) so that the role can be taken again
+            key = self.keys.controller
+            await self.store.txn(
+                [Compare(key, "create", "==", snap.controller_revision)], [Delete(key)]
+            )
+            self._trigger.set()
+            return
+        if not snap.config_readable:
+            # a package missing from a configuration that cannot be read in full is not
+            # "removed": decide nothing (ownership still holds) until apply rewrites it
+            self._check_ownership(snap, read_at)
+            return
         snap = await self.controller.step(snap, self.lease)
         self.snapshot = snap
         self._check_ownership(snap, read_at)
@@ -495,6 +600,18 @@ class Agent:
             if d.verb is Verb.START:
                 self._claim_tasks[d.package] = task
 
+    def _log_problems(self, snap: Snapshot) -> None:
+        """Log each unreadable store record once (and once more when it is gone)."""
+        now = set(snap.problems)
+        for problem in sorted(now - self._problems):
+            log.warning("unreadable store record, skipped: %s", problem)
+        for problem in sorted(self._problems - now):
+            log.info("store record readable again: %s", problem.partition(": ")[0])
+        if now and not snap.config_readable and self._problems == set():
+            log.warning("the configuration in the store cannot be read in full: acting on "
+                        "nothing until `vigil apply` writes it again")  # fmt: skip
+        self._problems = now
+
     def _check_ownership(self, snap: Snapshot, read_at: int) -> None:
         for pkg, h in list(self.held.items()):
             if h.owner_rev > read_at:
@@ -505,7 +622,7 @@ class Agent:
                 log.error("package %s: lost its owner key; killing its processes", pkg)
                 if self.registry is not None:
                     self.registry.kill_all(only=self._pgids_of(h))
-                self._abandon(h)
+                self._abandon(h)  # and its cgroup
                 del self.held[pkg]
 
     def _pgids_of(self, h: Held) -> set[int]:
@@ -539,11 +656,11 @@ class Agent:
             held = self.held.get(pkg)
             if held is not None and held.busy is asyncio.current_task():
                 held.busy = None
-                pending, held.pending = held.pending, None
-                if pending is not None and held.state is PackageState.RUNNING:
-                    self._launch(pkg, pending)
-                elif pending is not None:
-                    pending.close()  # it halted or failed meanwhile: nothing to handle
+                deferred, held.deferred = held.deferred, None
+                if deferred is not None and not self._stopping:
+                    self._launch(pkg, deferred)
+                elif deferred is not None:
+                    deferred.close()
             self._trigger.set()
 
     async def _carry_out(self, d: Decision, snap: Snapshot) -> None:
@@ -585,6 +702,9 @@ class Agent:
             log_path=self.log_dir / f"{spec.name}.log",
             registry=self.registry,
             config_dir=self.config_dir,
+            scope=self.containment.package(spec.name)
+            if self.containment is not None
+            else PackageScope(spec.name, None),
             start_reason=reason,
             previous_node=prev,
         )
@@ -653,7 +773,7 @@ class Agent:
         await self._run_start(pkg, held, snap)
 
     async def _run_start(self, pkg: str, held: Held, snap: Snapshot) -> None:
-        async with self.hooks.around("restore", pkg):
+        async with self.hooks.around("restore", pkg, held.runner.ctx.scope.run()):
             result = await held.runner.start()
         if self._deadline_passed():
             self._fence(f"package {pkg}: start interrupted, the lease deadline passed")
@@ -715,11 +835,12 @@ class Agent:
         held.halt_reason = reason
         held.runner.ctx.halt_reason = reason
         await self._set_state(pkg, PackageState.HALTING, why)
-        async with self.hooks.around("remove", pkg):
+        async with self.hooks.around("remove", pkg, held.runner.ctx.scope.run()):
             ok = await held.runner.halt()
         if not ok:
-            await self._halt_failed(pkg, f"a stop step failed while halting ({why})")
+            await self._halt_failed(pkg, f"{held.runner.problem} while halting ({why})")
             return False
+        held.runner.ctx.scope.remove()  # the post_remove hooks ran in it
         await self._release(pkg, PackageState.HALTED, why)
         return True
 
@@ -765,8 +886,9 @@ class Agent:
         )
         if res.succeeded or not compares:
             gone = self.held.pop(pkg, None)
-            if gone is not None and gone.pending is not None:
-                gone.pending.close()  # released: no failure left to handle here
+            if gone is not None and gone.deferred is not None:
+                gone.deferred.close()  # a failure of what just halted: nothing left to do
+                gone.deferred = None
             self._dirty.discard(pkg)
         return res.succeeded
 
@@ -889,14 +1011,13 @@ class Agent:
         self._launch_when_idle(pkg, self._fail(pkg, why))
 
     def _launch_when_idle(self, pkg: str, coro: Coroutine[Any, Any, None]) -> None:
-        """Failure handling: now, or when the operation under way has finished (a
-        service that dies as its start completes must not be forgotten)."""
+        """Carry ``coro`` out now, or, if an operation on the package is under way,
+        as soon as it ends (the latest such request wins)."""
         held = self.held[pkg]
         if held.busy is not None:
-            if held.pending is None:
-                held.pending = coro
-            else:
-                coro.close()  # one failure to handle is enough
+            if held.deferred is not None:
+                held.deferred.close()
+            held.deferred = coro
             return
         self._launch(pkg, coro)
 
@@ -906,7 +1027,7 @@ class Agent:
         held.runner.ctx.halt_reason = HaltReason.FAILURE
         await self._set_state(pkg, PackageState.HALTING, why)
         if not await held.runner.halt():
-            await self._halt_failed(pkg, f"{why}; then a stop step failed")
+            await self._halt_failed(pkg, f"{why}; then {held.runner.problem}")
             return
         await self._after_failure(pkg, True, why)
 
@@ -920,7 +1041,7 @@ class Agent:
         held.runner.ctx.halt_reason = reason
         await self._set_state(pkg, PackageState.HALTING, f"{why}; restarting in place")
         if not await held.runner.halt():
-            await self._halt_failed(pkg, f"{why}; a stop step failed")
+            await self._halt_failed(pkg, f"{why}; {held.runner.problem}")
             return
         snap = await read_snapshot(self.store, self.keys)
         spec = snap.packages.get(pkg)
@@ -940,16 +1061,23 @@ class Agent:
         await self._restart_in_place(pkg, why, HaltReason.USER_HALT)
 
     async def fence_node(self, why: str) -> None:
-        """node_fail_fast / service fail_fast: run fence_command, or kill all and leave."""
+        """node_fail_fast / service fail_fast: run fence_command (through the spawner,
+        with a timeout), or kill all and leave."""
         log.error("node %s fences itself: %s", self.node, why)
         cmd = self.cluster.fence_command
         if cmd:
-            proc = await asyncio.create_subprocess_exec(*cmd)
-            await proc.wait()
+            res, out = await run_captured(cmd, timeout=FENCE_COMMAND_TIMEOUT)
+            if res.exit_code != 0 or res.timed_out:
+                log.error(
+                    "fence_command %s: %s %s", cmd[0], res.describe(FENCE_COMMAND_TIMEOUT), out
+                )
         if self.registry is not None:
             self.registry.kill_all()
-        with contextlib.suppress(StoreError):
-            await self.store.lease_revoke(self.lease)
+            self._in_background(self._drop_addresses())
+        for h in self.held.values():
+            self._abandon(h)
         self.held.clear()
+        if await self._fence_settled():
+            await self._give_up_lease()
         self.left_cluster = True
         self._fenced.set()

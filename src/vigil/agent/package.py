@@ -1,9 +1,18 @@
 """One package on this node: the start and halt sequences of CONCEPTS §3.
 
 Start order: pre-scripts → addresses → external scripts → services → monitors.
-Halt order is the exact reverse. A failed start step is undone, together with the
+Halt order is the exact reverse, and a halt ends with the package's final sweep
+(:meth:`~vigil.supervise.containment.PackageScope.sweep`): whatever is still in the
+package's cgroup (a script's daemon, a service's stray child) gets SIGTERM, then
+SIGKILL after the package's ``halt_timeout``; a halt never ends ``halted`` while a
+process of the package is left. A failed start step is undone, together with the
 steps done before it, in reverse (``stop`` is idempotent, so the failed step's own
 ``stop`` runs too, as Serviceguard does), with halt reason ``failure``.
+
+Every process runs in the package's cgroup (:mod:`vigil.supervise.containment`):
+a service in its own leaf, scripts, monitors and hooks in ``run``. What an external
+script's ``start`` leaves running (``nohup app &``) belongs to the package and runs
+until the package halts.
 """
 
 from __future__ import annotations
@@ -14,17 +23,21 @@ import enum
 import logging
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from vigil.config import AddressSpec, ClusterSpec, PackageSpec, ScriptRef, ServiceSpec
+from vigil.errors import SpawnError
 from vigil.model import HaltReason, MonitorStatus, ServiceStatus, StartReason
 from vigil.scripts.runner import run_script
+from vigil.supervise.command import run_captured, run_command
+from vigil.supervise.containment import PackageScope
 from vigil.supervise.monitor import MonitorRunner, MonitorVerdict
-from vigil.supervise.sentinel import ProcessRegistry, del_addresses
+from vigil.supervise.sentinel import ProcessRegistry
 from vigil.supervise.service import ServiceSupervisor
+from vigil.supervise.spawner import resolve_identity
 
 log = logging.getLogger("vigil.package")
 
@@ -59,12 +72,17 @@ class Context:
     log_path: Path
     registry: ProcessRegistry
     config_dir: str | None
+    scope: PackageScope
     start_reason: StartReason = StartReason.BOOT
     previous_node: str | None = None
     halt_reason: HaltReason | None = None
 
-    def env(self, action: str) -> dict[str, str]:
+    def env(self, action: str, identity: Mapping[str, str] | None = None) -> dict[str, str]:
+        """The environment of a process of the package: the agent's (without its
+        VIGIL_*), then ``identity`` (HOME, USER, LOGNAME, SHELL of a service's
+        ``user``), then the package's ``[env]``, then the VIGIL_* variables."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("VIGIL_")}
+        env.update(identity or {})
         env.update(self.spec.env)
         env.update(
             VIGIL_CLUSTER=self.cluster.name,
@@ -96,7 +114,11 @@ class ScriptStep:
             timeout=self.ctx.spec.run_script_timeout,
             log_path=self.ctx.log_path,
             registry=self.ctx.registry,
+            cgroup=self.ctx.scope.run(),
+            keep_leftovers=True,
         )
+        if res.left is not None:  # a daemon it started: the package's until it halts
+            self.ctx.scope.keep(res.left)
         if res.timed_out:
             return StepResult(Outcome.HALT, f"{self.label} start timed out")
         if res.exit_code == 0:
@@ -114,7 +136,11 @@ class ScriptStep:
             timeout=self.ctx.spec.halt_script_timeout,
             log_path=self.ctx.log_path,
             registry=self.ctx.registry,
+            cgroup=self.ctx.scope.run(),
+            keep_leftovers=True,
         )
+        if res.left is not None:
+            self.ctx.scope.keep(res.left)
         if res.exit_code != 0:
             what = "timed out" if res.timed_out else (res.error or f"exited {res.exit_code}")
             log.error("package %s: %s stop %s", self.ctx.spec.name, self.ref.path, what)
@@ -122,16 +148,23 @@ class ScriptStep:
         return True
 
 
-async def _ip(*args: str) -> tuple[int, str]:
+#: How long one ``ip`` command may take before it counts as failed.
+IP_TIMEOUT = 5.0
+GARP_COUNT = 3  # gratuitous ARPs at once, one a second (keepalived sends 5, then 5 more)
+#: While an address is held, one more gratuitous ARP this often (keepalived's
+#: ``garp_master_refresh``, IPaddr2's ARP refresh): a host that missed the first ones
+#: (it was on the other side of a partition) corrects its neighbour entry within this.
+GARP_REFRESH = 5.0
+
+
+async def ip_command(registry: ProcessRegistry | None, *args: str) -> tuple[int, str]:
+    """Run ``ip ARGS`` through the spawner with :data:`IP_TIMEOUT`: (exit status, output).
+    A timeout or a failure to start is status -1 with the reason as output."""
     exe = shutil.which("ip") or "/sbin/ip"
-    proc = await asyncio.create_subprocess_exec(
-        exe, *args, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
-    )
-    _, err = await proc.communicate()
-    return proc.returncode or 0, err.decode(errors="replace").strip()
-
-
-GARP_COUNT = 3  # gratuitous ARPs, one a second (keepalived sends 5 at once, 5 more later)
+    res, out = await run_captured([exe, *args], timeout=IP_TIMEOUT, registry=registry)
+    if res.exit_code is None or res.timed_out:
+        return -1, res.describe(IP_TIMEOUT)
+    return res.exit_code, out
 
 
 def _already_there(err: str) -> bool:
@@ -140,54 +173,85 @@ def _already_there(err: str) -> bool:
     return "File exists" in err or "already assigned" in err
 
 
+def _not_there(err: str) -> bool:
+    return "Cannot assign" in err or "not found" in err.lower()
+
+
+async def del_address(registry: ProcessRegistry, ip: str, dev: str) -> bool:
+    """Remove a relocatable address (no error if it is not there); once it is gone the
+    sentinel forgets it. False (logged) if ``ip`` failed: the sentinel still knows it."""
+    rc, err = await ip_command(registry, "addr", "del", ip, "dev", dev)
+    if rc != 0 and not _not_there(err):
+        log.error("cannot remove address %s from %s: %s", ip, dev, err or f"ip exited {rc}")
+        return False
+    registry.remove_address(ip, dev)
+    return True
+
+
 class AddressStep:
-    """A relocatable address: added on start, removed on halt. Gratuitous ARP (where
-    ``arping`` is installed) goes out in the background, so the next step (the
-    service) starts at once instead of waiting for arping's one-second interval."""
+    """A relocatable address: added on start, removed on halt. Gratuitous ARPs (where
+    ``arping`` is installed) go out in the background: :data:`GARP_COUNT` at once, so
+    the next step (the service) starts without waiting for arping's one-second
+    interval, then one every :data:`GARP_REFRESH` s while the address is held."""
 
     def __init__(self, ctx: Context, addr: AddressSpec) -> None:
         self.ctx = ctx
         self.addr = addr
         self.label = f"address {addr.ip} on {addr.interface}"
-        self._garp: asyncio.subprocess.Process | None = None
-        self._reaper: asyncio.Task[int] | None = None
+        self._garp: asyncio.Task[None] | None = None
 
     async def up(self) -> StepResult:
-        rc, err = await _ip("addr", "add", self.addr.ip, "dev", self.addr.interface)
+        ip, dev = self.addr.ip, self.addr.interface
+        # Registered before it is added: a fence (or the agent's death) during the
+        # ``ip`` command must remove it too.
+        self.ctx.registry.add_address(ip, dev)
+        rc, err = await ip_command(self.ctx.registry, "addr", "add", ip, "dev", dev)
         if rc != 0 and not _already_there(err):
+            await del_address(self.ctx.registry, ip, dev)
             return StepResult(Outcome.FAILOVER, f"{self.label}: {err or f'ip exited {rc}'}")
-        # from now on, whoever kills this node's processes also removes the address
-        self.ctx.registry.add_address(self.addr.ip, self.addr.interface)
         arping = shutil.which("arping")
-        if arping and ":" not in self.addr.ip:
-            ip = self.addr.ip.split("/")[0]
-            self._garp = await asyncio.create_subprocess_exec(
-                arping, "-U", "-c", str(GARP_COUNT), "-I", self.addr.interface, ip,
-                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-            )  # fmt: skip
-            self._reaper = asyncio.create_task(self._garp.wait())  # reaps it when it ends
+        if arping and ":" not in ip:
+            self._garp = asyncio.create_task(self._announce(arping), name=f"garp:{ip}")
         return StepResult(Outcome.OK)
 
-    async def down(self) -> bool:
-        if self._garp is not None and self._garp.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                self._garp.kill()  # the address leaves: no more announcements for it
-        if self._reaper is not None:
-            await self._reaper
-        self._garp = self._reaper = None
-        rc, err = await _ip("addr", "del", self.addr.ip, "dev", self.addr.interface)
-        if rc != 0 and "Cannot assign" not in err and "not found" not in err.lower():
-            log.error("package %s: %s: %s", self.ctx.spec.name, self.label, err)
-            return False
-        self.ctx.registry.remove_address(self.addr.ip, self.addr.interface)
-        return True
+    async def _announce(self, arping: str) -> None:
+        ip, dev = self.addr.ip.split("/")[0], self.addr.interface
+        registry = self.ctx.registry
+        env = dict(os.environ)
+        res = await run_command(
+            [arping, "-q", "-U", "-c", str(GARP_COUNT), "-I", dev, ip],
+            env=env, timeout=GARP_COUNT + IP_TIMEOUT, registry=registry,
+        )  # fmt: skip
+        if res.exit_code not in (0, 1):  # 2: no ARP on this interface (lo), or no arping
+            log.info("package %s: no gratuitous ARP for %s: %s", self.ctx.spec.name,
+                     self.label, res.describe())  # fmt: skip
+            return
+        while True:  # arping runs until the address leaves; restarted if it dies
+            res = await run_command(
+                [arping, "-q", "-U", "-i", f"{GARP_REFRESH:g}", "-I", dev, ip],
+                env=env, timeout=None, registry=registry,
+            )  # fmt: skip
+            if res.exit_code is None:  # cannot start it (fenced): stop announcing
+                return
+            await asyncio.sleep(GARP_REFRESH)
 
-    def abandon(self) -> None:
+    async def _stop_announcing(self) -> None:
+        task, self._garp = self._garp, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    async def down(self) -> bool:
+        await self._stop_announcing()  # the address leaves: no more announcements for it
+        return await del_address(self.ctx.registry, self.addr.ip, self.addr.interface)
+
+    async def abandon(self) -> None:
         """This node no longer holds the package (owner key lost): the address goes
         now, like its processes, without waiting for a halt."""
+        await self._stop_announcing()
         if (self.addr.ip, self.addr.interface) in self.ctx.registry.addresses():
-            del_addresses([(self.addr.ip, self.addr.interface)])
-            self.ctx.registry.remove_address(self.addr.ip, self.addr.interface)
+            await del_address(self.ctx.registry, self.addr.ip, self.addr.interface)
 
 
 class ServiceStep:
@@ -201,13 +265,18 @@ class ServiceStep:
         self.ctx = ctx
         self.spec = spec
         self.label = f"service {spec.name}"
+        try:
+            identity = resolve_identity(spec.user, spec.group)
+        except SpawnError:
+            identity = None  # the spawn says so, with the package's other errors
         self.supervisor = ServiceSupervisor(
             spec,
-            env=ctx.env("start"),
+            env=ctx.env("start", identity.env if identity is not None else None),
             log_path=ctx.log_path,
             registry=ctx.registry,
             on_change=on_change,
             on_failed=lambda reason: on_failed(spec.name, reason),
+            cgroup=ctx.scope.service(spec.name),
         )
 
     async def up(self) -> StepResult:
@@ -271,12 +340,14 @@ class PackageRunner:
                 log_path=ctx.log_path,
                 registry=ctx.registry,
                 on_result=lambda v: on_monitor(v.monitor, v),
+                cgroup=ctx.scope.run(),
             )
         self.monitor_step: MonitorStep | None = None
         if self.monitors:
             self.monitor_step = MonitorStep(ctx, list(self.monitors.values()), list(self.monitors))
             self.steps.append(self.monitor_step)
         self.done = 0  # how many steps (from the front) have been started
+        self.problem = ""  # why the last halt failed
 
     async def start(self) -> StepResult:
         """Run the start sequence. On failure the done steps are undone; see module doc."""
@@ -295,14 +366,25 @@ class PackageRunner:
         return StepResult(Outcome.OK)
 
     async def halt(self) -> bool:
-        """Run the halt sequence over the started steps, in exact reverse. True if all ok."""
+        """Run the halt sequence over the started steps, in exact reverse, then sweep
+        what is left of the package. True if all went well; else :attr:`problem`
+        says what failed."""
         ok = True
+        self.problem = ""
         while self.done > 0:
             step = self.steps[self.done - 1]
             log.info("package %s: halt %s", self.ctx.spec.name, step.label)
             if not await step.down():
                 ok = False
+                self.problem = self.problem or f"{step.label}: stop failed"
             self.done -= 1
+        survivors = await self.ctx.scope.sweep(self.ctx.spec.halt_timeout)
+        if survivors:
+            ok = False
+            self.problem = self.problem or (
+                "processes of the package survived SIGKILL: "
+                + " ".join(str(p) for p in survivors if p)
+            )
         return ok
 
     async def pause_monitors(self) -> None:

@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import asyncio
 import os
+import tempfile
 from pathlib import Path
 
 import click
 
 from vigil import flags, hooks
 from vigil.cli.context import CliContext
+from vigil.cli.params import SECONDS, SafePath
 from vigil.config import CheckReport, ConfigTree, load_tree
-from vigil.errors import ConfigError, Conflict, VigilError
+from vigil.errors import ConfigError, Conflict, VigilError, one_line
 from vigil.keys import Keys
 from vigil.locks import AdminLock
 from vigil.model import ACTIVE_STATES
@@ -47,30 +49,63 @@ async def run_validations(tree: ConfigTree, node: str, report: CheckReport) -> N
             for i, ref in enumerate(getattr(spec, key)):
                 if any(e.where.startswith(f"{where}: {key}[{i}]") for e in report.errors):
                     continue
-                res = await run_script(ref, "validate", env=env, timeout=timeout, log_path=None)
-                if res.exit_code != 0:
-                    why = "timed out" if res.timed_out else res.error or f"exited {res.exit_code}"
-                    report.errors.append(
-                        ConfigError(f"{where}: {key}[{i}]", f"{ref.path} validate {why}")
+                with tempfile.NamedTemporaryFile(prefix="vigil-validate-") as out:
+                    res = await run_script(
+                        ref, "validate", env=env, timeout=timeout, log_path=out.name
                     )
+                    said = _last_line(out.name)
+                if res.exit_code != 0 or res.timed_out:
+                    why = res.describe()
+                    if res.error is None and said:
+                        why += f": {said}"  # the script's own explanation
+                    report.errors.append(ConfigError(f"{where}: {key}[{i}]", one_line(why)))
 
 
-def _check(config_dir: Path, node: str) -> ConfigTree:
+def _last_line(path: str, limit: int = 200) -> str:
+    """The last non-empty line a script printed (its explanation), shortened."""
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        f.seek(max(0, f.tell() - 4096))
+        lines = [ln.strip() for ln in f.read().decode(errors="replace").splitlines()]
+    last = next((ln for ln in reversed(lines) if ln), "")
+    return one_line(last if len(last) <= limit else last[: limit - 3] + "...")
+
+
+def report_errors(report: CheckReport, *, every: bool = False, suffix: str = "") -> None:
+    """Print the errors of ``report`` on stderr, one line per file: ``FILE: KEY: WHAT``
+    and the file's other errors after it (``; KEY: WHAT``); with ``every``, one line
+    per error."""
+    by_file: dict[str, list[ConfigError]] = {}
+    for e in report.errors:
+        by_file.setdefault(e.where.partition(": ")[0], []).append(e)
+    lines = []
+    for file, errors in by_file.items():
+        if every:
+            lines += [f"vigil: error: {e}" for e in errors]
+            continue
+        rest = [str(e).removeprefix(f"{file}: ") for e in errors[1:]]
+        lines.append("; ".join([f"vigil: error: {errors[0]}", *rest]))
+    lines[-1] += suffix
+    for line in lines:
+        click.echo(one_line(line), err=True)
+
+
+def _check(config_dir: Path, node: str, *, every: bool = False, suffix: str = "") -> ConfigTree:
     report = CheckReport()
     tree = load_tree(config_dir, report)
-    if tree is not None and report.ok:
+    if tree is not None:  # also beside other errors: report every broken script at once
         asyncio.run(run_validations(tree, node, report))
-    for w in report.warnings:
-        click.echo(f"warning: {w}", err=True)
     if not report.ok or tree is None:
-        for e in report.errors:
-            click.echo(f"vigil: error: {e}", err=True)
-        n = len(report.errors)
-        raise _Rejected(f"{n} error{'s' if n != 1 else ''} in {config_dir}; nothing applied")
+        report_errors(report, every=every, suffix=suffix)
+        raise _Rejected()
+    for w in report.warnings:
+        click.echo(one_line(f"warning: {w}"), err=True)
     return tree
 
 
 class _Rejected(VigilError):
+    """The configuration has errors; they are printed already (one line per file)."""
+
     exit_code = 2
 
 
@@ -79,12 +114,13 @@ def _dir_arg(obj: CliContext, directory: Path | None) -> Path:
 
 
 @click.command()
-@click.argument("directory", required=False, type=click.Path(path_type=Path))
+@click.argument("directory", required=False, type=SafePath(path_type=Path))
+@click.option("--all", "every", is_flag=True, help="One line per error (default: per file).")
 @click.pass_obj
-def check(obj: CliContext, directory: Path | None) -> None:
+def check(obj: CliContext, directory: Path | None, every: bool) -> None:
     """Validate a configuration directory and run the scripts' validate entry points."""
     config_dir = _dir_arg(obj, directory)
-    tree = _check(config_dir, obj.node)
+    tree = _check(config_dir, obj.node, every=every)
     n = len(tree.packages)
     click.echo(f"{config_dir}: valid (cluster {tree.cluster.name}, {n} package{'s' * (n != 1)})")
 
@@ -182,8 +218,8 @@ async def apply_locked(
 
 
 @click.command()
-@click.argument("directory", required=False, type=click.Path(path_type=Path))
-@click.option("--lock-timeout", type=click.FloatRange(min=0), default=120.0, show_default=True,
+@click.argument("directory", required=False, type=SafePath(path_type=Path))
+@click.option("--lock-timeout", type=SECONDS, default=120.0, show_default=True,
               help="Seconds to wait for the admin lock.")  # fmt: skip
 @click.pass_obj
 def apply(obj: CliContext, directory: Path | None, lock_timeout: float) -> None:
@@ -191,7 +227,7 @@ def apply(obj: CliContext, directory: Path | None, lock_timeout: float) -> None:
 
     Takes the cluster-wide admin lock, so two applies never interleave."""
     config_dir = _dir_arg(obj, directory)
-    tree = _check(config_dir, obj.node)
+    tree = _check(config_dir, obj.node, suffix="; nothing applied")
 
     async def go() -> list[str]:
         store = open_store(tree.cluster.store)

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from vigil.config import ClusterSpec, load_cluster
+from vigil.config import ClusterSpec, check_name, load_cluster
+from vigil.errors import UsageError
 from vigil.keys import Keys
 from vigil.store import Store, open_store
 
@@ -26,9 +27,15 @@ class CliContext:
     @property
     def node(self) -> str:
         """This command's node: --node, else VIGIL_NODE, else the host name."""
-        return (
-            self.node_option or os.environ.get("VIGIL_NODE") or socket.gethostname().split(".")[0]
-        )
+        if self.node_option:
+            return self.node_option
+        source, name = "VIGIL_NODE", os.environ.get("VIGIL_NODE")
+        if not name:
+            source, name = "the host name", socket.gethostname().split(".")[0]
+        try:
+            return check_name(name)
+        except ValueError as exc:
+            raise UsageError(f"this command's node ({source}; or give --node): {exc}") from None
 
     def cluster(self) -> ClusterSpec:
         return load_cluster(self.config_dir)

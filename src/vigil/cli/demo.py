@@ -18,6 +18,7 @@ from pathlib import Path
 import click
 
 from vigil.cli.config_cmds import apply_tree
+from vigil.cli.params import SECONDS, SafePath
 from vigil.config import CheckReport, load_tree
 from vigil.errors import VigilError
 from vigil.keys import Keys
@@ -198,9 +199,9 @@ def _agent_pids(cfg: Path) -> set[int]:
 @click.command()
 @click.option("--nodes", "count", default=3, show_default=True, type=click.IntRange(1, 9),
               help="How many node agents to run on this host.")  # fmt: skip
-@click.option("--duration", default=None, type=click.FloatRange(min=0),
+@click.option("--duration", default=None, type=SECONDS,
               help="Stop by itself after this many seconds (default: until Ctrl-C).")  # fmt: skip
-@click.option("--dir", "directory", default=None, type=click.Path(path_type=Path),
+@click.option("--dir", "directory", default=None, type=SafePath(path_type=Path),
               help="Use this (new) directory instead of a temporary one; it is kept.")  # fmt: skip
 def demo(count: int, duration: float | None, directory: Path | None) -> None:
     """Run a local cluster on SQLite with a sample package; Ctrl-C stops it all."""

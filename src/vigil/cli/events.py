@@ -13,11 +13,12 @@ import click
 
 from vigil.agent.events import in_store_order
 from vigil.cli.context import CliContext
+from vigil.cli.params import NAME
 from vigil.cli.render import clock, console, styled
 from vigil.errors import Compacted
 from vigil.keys import Keys
 from vigil.model import Event
-from vigil.snapshot import decode
+from vigil.snapshot import decode_all
 from vigil.store import EventType, KeyValue, Store
 
 
@@ -34,7 +35,7 @@ def _show(ev: Event, as_json: bool) -> None:
 
 @click.command()
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new events.")
-@click.option("-p", "--package", "pkg", default=None, help="Only this package's events.")
+@click.option("-p", "--package", "pkg", type=NAME, default=None, help="Only this package's events.")
 @click.option("-n", "--last", "last", default=50, show_default=True, type=click.IntRange(min=0))
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 @click.pass_obj
@@ -44,7 +45,7 @@ def events(obj: CliContext, follow: bool, pkg: str | None, last: int, as_json: b
     async def go(store: Store, keys: Keys) -> None:
         kvs, rev = await store.range(keys.events)
         kvs = in_store_order(kvs)
-        shown = [e for e in (decode(Event, kv) for kv in kvs) if pkg is None or e.package == pkg]
+        shown = [e for _, e in decode_all(Event, kvs) if pkg is None or e.package == pkg]
         for ev in shown[-last:] if last else []:
             _show(ev, as_json)
         while follow:
@@ -53,9 +54,9 @@ def events(obj: CliContext, follow: bool, pkg: str | None, last: int, as_json: b
                     rev = w.revision
                     if w.type is EventType.PUT:
                         kv = KeyValue(w.key, w.value, w.create_revision, w.revision, w.version)
-                        ev = decode(Event, kv)
-                        if pkg is None or ev.package == pkg:
-                            _show(ev, as_json)
+                        for _, ev in decode_all(Event, [kv]):
+                            if pkg is None or ev.package == pkg:
+                                _show(ev, as_json)
             except Compacted:
                 _, rev = await store.range(keys.events + "\x00")
 

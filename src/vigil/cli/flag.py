@@ -17,6 +17,7 @@ from rich.markup import escape
 from vigil import flags, locks
 from vigil.cli.context import CliContext
 from vigil.cli.ops import require_node
+from vigil.cli.params import NAME
 from vigil.cli.render import console, print_json, table
 from vigil.errors import NotFound
 from vigil.keys import Keys
@@ -24,7 +25,7 @@ from vigil.snapshot import read_snapshot
 from vigil.store import Store
 
 _dest = click.option(
-    "-d", "dest", default=None, help="The node the flag lives on (default: this node)."
+    "-d", "dest", type=NAME, default=None, help="The node the flag lives on (default: this node)."
 )
 _flag = click.option("-f", "flag", required=True, help="The flag's name.")
 
@@ -88,7 +89,7 @@ def test(obj: CliContext, dest: str | None, flag: str) -> None:
 
 
 @flag.command("list")
-@click.option("-d", "dest", default=None, help="Only the flags on this node.")
+@click.option("-d", "dest", type=NAME, default=None, help="Only the flags on this node.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_obj
 def list_(obj: CliContext, dest: str | None, as_json: bool) -> None:

@@ -17,6 +17,7 @@ import click
 
 from vigil import locks
 from vigil.cli.context import CliContext
+from vigil.cli.params import SECONDS, live_pid
 from vigil.cli.render import console, print_json, table
 from vigil.errors import NotFound
 from vigil.keys import Keys
@@ -39,7 +40,7 @@ def lock() -> None:
 @click.argument("lock_id", metavar="ID")
 @click.option(
     "--timeout",
-    type=click.FloatRange(min=0),
+    type=SECONDS,
     default=None,
     help="Give up after this many seconds (default: wait).",
 )
@@ -47,7 +48,7 @@ def lock() -> None:
 @click.pass_obj
 def acquire(obj: CliContext, lock_id: str, timeout: float | None, pid: int | None) -> None:
     """Wait for the admin lock and hold it for the calling process, for action ID."""
-    owner = pid or os.getppid()
+    owner = live_pid(pid) if pid is not None else os.getppid()
     locks.check_id(lock_id)
 
     async def go(store: Store, keys: Keys) -> locks.Held | None:

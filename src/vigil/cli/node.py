@@ -20,6 +20,7 @@ import click
 
 from vigil.cli.context import CliContext
 from vigil.cli.ops import POLL, require_node
+from vigil.cli.params import NAME, SECONDS
 from vigil.errors import Conflict, NotFound, Timeout, UsageError
 from vigil.flags import delete_ops, nofailover
 from vigil.keys import Keys
@@ -63,16 +64,19 @@ async def _wait_node(store: Store, keys: Keys, name: str, timeout: float, halted
 
 
 @node.command()
-@click.argument("name")
-@click.option("--failover", "mode", flag_value="failover", help="Move its packages elsewhere.")
-@click.option(
-    "--detach", "mode", flag_value="detach", help="Leave its packages running, unwatched."
-)
+@click.argument("name", type=NAME)
+@click.option("--failover", is_flag=True, help="Move its packages elsewhere.")
+@click.option("--detach", is_flag=True, help="Leave its packages running, unwatched.")
 @click.option("--wait", "-w", is_flag=True, help="Block until its packages are halted or detached.")
-@click.option("--timeout", default=300.0, show_default=True, type=click.FloatRange(min=0))
+@click.option("--timeout", default=300.0, show_default=True, type=SECONDS)
 @click.pass_obj
-def halt(obj: CliContext, name: str, mode: str | None, wait: bool, timeout: float) -> None:
+def halt(
+    obj: CliContext, name: str, failover: bool, detach: bool, wait: bool, timeout: float
+) -> None:
     """Take NAME out of the cluster (it keeps its agent and lease)."""
+    if failover and detach:
+        raise UsageError("--failover and --detach exclude each other: give one")
+    mode = "failover" if failover else "detach" if detach else None
 
     async def go(store: Store, keys: Keys) -> list[str]:
         snap = await read_snapshot(store, keys)
@@ -100,7 +104,7 @@ def halt(obj: CliContext, name: str, mode: str | None, wait: bool, timeout: floa
 
 
 @node.command()
-@click.argument("name")
+@click.argument("name", type=NAME)
 @click.pass_obj
 def remove(obj: CliContext, name: str) -> None:
     """Forget NAME, a node that is down: it is no longer shown (nor its flags kept)."""

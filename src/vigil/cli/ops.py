@@ -10,9 +10,9 @@ from dataclasses import dataclass
 
 from vigil.errors import Conflict, NotFound, Timeout, UsageError, VigilError
 from vigil.keys import Keys
-from vigil.model import AdminRecord, PackageState
-from vigil.snapshot import Snapshot, encode, read_snapshot
-from vigil.store import Compare, Op, Put, Store
+from vigil.model import AdminRecord, PackageState, PackageStatus
+from vigil.snapshot import UNREADABLE, Snapshot, encode, read_snapshot
+from vigil.store import Compare, Delete, Op, Put, Store
 from vigil.view import known_nodes, package_state
 
 POLL = 0.05
@@ -57,23 +57,8 @@ async def change_admin(
         akey = keys.admin(pkg)
         compares = [Compare.mod_revision(akey, snap.raw_revisions.get(akey, 0))]
         ops: list[Op] = [Put(akey, encode(change.admin))]
-        st = snap.status.get(pkg)
-        if (
-            change.reset_status
-            and st is not None
-            and pkg not in snap.owners
-            and st.state in (PackageState.FAILED, PackageState.HALT_FAILED)
-        ):
-            skey = keys.status(pkg)
-            compares += [
-                Compare.absent(keys.owner(pkg)),
-                Compare.mod_revision(skey, snap.raw_revisions.get(skey, 0)),
-            ]
-            new = st.model_copy(
-                update={"state": PackageState.HALTED, "message": "cleared by an operator",
-                        "since": time.time()}
-            )  # fmt: skip
-            ops.append(Put(skey, encode(new)))
+        if change.reset_status:
+            compares, ops = _reset(keys, pkg, snap, compares, ops)
         res = await store.txn(compares, ops)
         if res.succeeded:
             return res.revision
@@ -83,6 +68,39 @@ async def change_admin(
 def newer(snap: Snapshot, keys: Keys, pkg: str, revision: int) -> bool:
     """Whether the package's status was written after store revision ``revision``."""
     return snap.raw_revisions.get(keys.status(pkg), 0) > revision
+
+
+def _reset(
+    keys: Keys, pkg: str, snap: Snapshot, compares: list[Compare], ops: list[Op]
+) -> tuple[list[Compare], list[Op]]:
+    """An unowned failed / halt_failed package goes back to halted. The operator vouches
+    that nothing of it runs: an owner key or a status that cannot be read (see
+    vigil.snapshot) is replaced too, each guarded by the revision that was read."""
+    okey, skey = keys.owner(pkg), keys.status(pkg)
+    st = snap.status.get(pkg)
+    owner = snap.owners.get(pkg)
+    if owner == UNREADABLE:
+        compares = [*compares, Compare.mod_revision(okey, snap.owner_revisions[pkg])]
+        ops = [*ops, Delete(okey)]
+    elif owner is not None:
+        return compares, ops
+    else:
+        compares = [*compares, Compare.absent(okey)]
+    unreadable = owner == UNREADABLE or (skey in snap.raw_revisions and st is None)
+    failed = st is not None and st.state in (PackageState.FAILED, PackageState.HALT_FAILED)
+    if not (unreadable or failed):
+        return compares, ops
+    new = (st or PackageStatus()).model_copy(
+        update={
+            "state": PackageState.HALTED,
+            "message": "cleared by an operator",
+            "since": time.time(),
+        }
+    )
+    return (
+        [*compares, Compare.mod_revision(skey, snap.raw_revisions.get(skey, 0))],
+        [*ops, Put(skey, encode(new))],
+    )
 
 
 async def wait_for(

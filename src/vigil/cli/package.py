@@ -37,6 +37,7 @@ from vigil.cli.ops import (
     require_node,
     wait_for,
 )
+from vigil.cli.params import NAME, SECONDS
 from vigil.cli.render import console, print_json, table
 from vigil.errors import Timeout, UsageError, VigilError
 from vigil.keys import Keys
@@ -53,7 +54,7 @@ STABLE = {S.HALTED, S.RUNNING, S.FAILED, S.HALT_FAILED, S.MAINTENANCE, S.DETACHE
 
 
 def _wait_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    f = click.option("--timeout", default=60.0, show_default=True, type=click.FloatRange(min=0),
+    f = click.option("--timeout", default=60.0, show_default=True, type=SECONDS,
                      help="Seconds --wait may take.")(f)  # fmt: skip
     return click.option("--wait", "-w", is_flag=True, help="Block until it is done.")(f)
 
@@ -99,8 +100,8 @@ def _act(
 
 
 @package.command()
-@click.argument("pkg")
-@click.option("-n", "--node", "node", default=None, help="Start it on this node.")
+@click.argument("pkg", type=NAME)
+@click.option("-n", "--node", "node", type=NAME, default=None, help="Start it on this node.")
 @_wait_options
 @click.pass_obj
 def start(obj: CliContext, pkg: str, node: str | None, wait: bool, timeout: float) -> None:
@@ -130,8 +131,8 @@ def start(obj: CliContext, pkg: str, node: str | None, wait: bool, timeout: floa
 
 
 @package.command()
-@click.argument("pkg")
-@click.option("-n", "--node", "node", required=True, help="The node to move it to.")
+@click.argument("pkg", type=NAME)
+@click.option("-n", "--node", "node", type=NAME, required=True, help="The node to move it to.")
 @_wait_options
 @click.pass_obj
 def move(obj: CliContext, pkg: str, node: str, wait: bool, timeout: float) -> None:
@@ -179,7 +180,7 @@ def move(obj: CliContext, pkg: str, node: str, wait: bool, timeout: float) -> No
 
 
 @package.command()
-@click.argument("pkg")
+@click.argument("pkg", type=NAME)
 @_wait_options
 @click.pass_obj
 def halt(obj: CliContext, pkg: str, wait: bool, timeout: float) -> None:
@@ -194,8 +195,10 @@ def halt(obj: CliContext, pkg: str, wait: bool, timeout: float) -> None:
 
 
 @package.command()
-@click.argument("pkg")
-@click.option("-n", "--node", "node", default=None, help="Node switching for this node only.")
+@click.argument("pkg", type=NAME)
+@click.option(
+    "-n", "--node", "node", type=NAME, default=None, help="Node switching for this node only."
+)
 @_wait_options
 @click.pass_obj
 def enable(obj: CliContext, pkg: str, node: str | None, wait: bool, timeout: float) -> None:
@@ -211,8 +214,10 @@ def enable(obj: CliContext, pkg: str, node: str | None, wait: bool, timeout: flo
 
 
 @package.command()
-@click.argument("pkg")
-@click.option("-n", "--node", "node", default=None, help="Node switching for this node only.")
+@click.argument("pkg", type=NAME)
+@click.option(
+    "-n", "--node", "node", type=NAME, default=None, help="Node switching for this node only."
+)
 @_wait_options
 @click.pass_obj
 def disable(obj: CliContext, pkg: str, node: str | None, wait: bool, timeout: float) -> None:
@@ -233,7 +238,7 @@ def disable(obj: CliContext, pkg: str, node: str | None, wait: bool, timeout: fl
 
 
 @package.command()
-@click.argument("pkg")
+@click.argument("pkg", type=NAME)
 @click.option("--off", is_flag=True, help="Leave maintenance.")
 @_wait_options
 @click.pass_obj
@@ -249,7 +254,7 @@ def maintenance(obj: CliContext, pkg: str, off: bool, wait: bool, timeout: float
 
 
 @package.command()
-@click.argument("pkg")
+@click.argument("pkg", type=NAME)
 @_wait_options
 @click.pass_obj
 def clear(obj: CliContext, pkg: str, wait: bool, timeout: float) -> None:
@@ -313,7 +318,7 @@ def restart(obj: CliContext, pkg: str, wait: bool, timeout: float) -> None:
 
 
 @package.command("env")
-@click.argument("pkg")
+@click.argument("pkg", type=NAME)
 @click.option("--shell", is_flag=True, help="Print `export` lines for a script to source.")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj

@@ -11,6 +11,7 @@ import click
 
 from vigil import flags
 from vigil.cli.context import CliContext
+from vigil.cli.params import SECONDS
 from vigil.errors import ScriptError, UsageError
 from vigil.hooks import KINDS, HookRun, run_phase
 from vigil.keys import Keys
@@ -21,7 +22,7 @@ from vigil.store import Store
 
 @click.command()
 @click.argument("kind", type=click.Choice(KINDS))
-@click.option("--lock-timeout", type=click.FloatRange(min=0), default=60.0, show_default=True,
+@click.option("--lock-timeout", type=SECONDS, default=60.0, show_default=True,
               help="Seconds to wait for the admin lock.")  # fmt: skip
 @click.pass_obj
 def recover(obj: CliContext, kind: str, lock_timeout: float) -> None:

@@ -10,8 +10,9 @@ from typing import Any
 import click
 
 from vigil.cli.context import CliContext
+from vigil.cli.params import NAME, SafePath
 from vigil.cli.render import console, print_json, styled, table
-from vigil.errors import NotFound, UsageError
+from vigil.errors import NotFound, UsageError, one_line
 from vigil.keys import Keys
 from vigil.plan.whatif import converge, node_fails, node_returns, package_fails
 from vigil.snapshot import Snapshot, read_snapshot
@@ -27,14 +28,23 @@ def _known_nodes(snap: Snapshot) -> set[str]:
 
 
 @click.command()
-@click.option("--node-fails", "node_fail", multiple=True, metavar="NODE", help="NODE is lost.")
 @click.option(
-    "--package-fails", "pkg_fail", multiple=True, metavar="PKG", help="PKG fails where it runs."
+    "--node-fails", "node_fail", type=NAME, multiple=True, metavar="NODE", help="NODE is lost."
 )
-@click.option("--node-returns", "node_back", multiple=True, metavar="NODE", help="NODE comes back.")
-@click.option("--from", "source", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+@click.option(
+    "--package-fails",
+    "pkg_fail",
+    type=NAME,
+    multiple=True,
+    metavar="PKG",
+    help="PKG fails where it runs.",
+)
+@click.option(
+    "--node-returns", "node_back", type=NAME, multiple=True, metavar="NODE", help="NODE comes back."
+)
+@click.option("--from", "source", type=SafePath(exists=True, dir_okay=False, path_type=Path),
               help="Plan from a saved snapshot instead of the live cluster.")  # fmt: skip
-@click.option("--save", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--save", type=SafePath(dir_okay=False, path_type=Path),
               help="Save the live snapshot to this file (for --from later).")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
@@ -59,7 +69,12 @@ def simulate(
 
         snap = obj.run(go)
     if save is not None:
-        save.write_text(dump_scenario(snap))
+        try:
+            save.write_text(dump_scenario(snap))
+        except OSError as exc:
+            raise UsageError(
+                f"--save {one_line(str(save))}: cannot write: {exc.strerror}"
+            ) from None
         click.echo(f"saved the cluster's snapshot to {save}", err=True)
     events: list[str] = []
     for n in node_fail:

@@ -1,4 +1,8 @@
-"""``vigil status [-v] [--json]``."""
+"""``vigil status [-v] [--json]``.
+
+Shows everything that can be read; if a store record cannot be (it is left out, see
+``vigil.snapshot``), one line on stderr names it and the exit status is 4.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ from rich.markup import escape
 
 from vigil.cli.context import CliContext
 from vigil.cli.render import ago, console, print_json, styled, table
+from vigil.errors import StoreCorrupt
 from vigil.keys import Keys
 from vigil.snapshot import read_snapshot
 from vigil.store import Store
@@ -28,8 +33,12 @@ def status(obj: CliContext, verbose: bool, as_json: bool) -> None:
     view = obj.run(go)
     if as_json:
         print_json(view)
-        return
-    render(view, verbose)
+    else:
+        render(view, verbose)
+    problems = view["problems"]
+    if problems:  # shown after everything that could be read
+        more = f" (and {len(problems) - 1} more unreadable)" if len(problems) > 1 else ""
+        raise StoreCorrupt(f"{problems[0]}{more}; that record was skipped")
 
 
 def render(view: dict[str, Any], verbose: bool) -> None:
@@ -43,7 +52,17 @@ def render(view: dict[str, Any], verbose: bool) -> None:
         cols.append("FLAGS")
         for row, n in zip(rows, view["nodes"].values(), strict=True):
             row.append(escape(" ".join(n["flags"])) or "-")
+    weak = [name for name, n in view["nodes"].items() if n.get("containment") == "process-group"]
+    if weak:
+        cols.append("CONTAINMENT")
+        for row, n in zip(rows, view["nodes"].values(), strict=True):
+            row.append(n.get("containment") or "-")
     console.print(table(None, cols, rows) if rows else "no nodes")
+    if weak:
+        console.print(
+            f"[yellow]note:[/yellow] {', '.join(weak)}: process groups only, no cgroups (the agent's log says why): "
+            "a process that leaves its process group escapes halt and fencing"
+        )
     console.print()
     prow = []
     for name, p in view["packages"].items():

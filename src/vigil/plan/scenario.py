@@ -42,7 +42,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +49,15 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from vigil.config import PackageSpec, parse_cluster, parse_package
+from vigil.config import (
+    MAX_DEPTH,
+    PackageSpec,
+    nesting_depth,
+    parse_cluster,
+    parse_package,
+    parse_toml,
+    read_config_file,
+)
 from vigil.errors import ConfigError
 from vigil.model import AdminRecord, Assignment, NodeAdmin, NodeRecord, PackageStatus
 from vigil.snapshot import Snapshot
@@ -81,6 +88,9 @@ class Scenario:
 # --------------------------------------------------------------------------- loading
 
 
+MAX_SCENARIO_BYTES = 64 << 20  # a saved snapshot of thousands of packages
+
+
 def load_scenario(path: str | Path) -> Snapshot:
     """The snapshot of a scenario file (``.json``: JSON, anything else: TOML)."""
     return read_scenario(path).snapshot
@@ -90,12 +100,7 @@ def read_scenario(path: str | Path) -> Scenario:
     """The snapshot and the planner time (``now``) of a scenario file."""
     p = Path(path)
     where = str(p)
-    try:
-        text = p.read_text()
-    except FileNotFoundError:
-        raise ConfigError(where, "file not found") from None
-    except OSError as exc:
-        raise ConfigError(where, f"cannot read: {exc.strerror}") from None
+    text = read_config_file(p, where, limit=MAX_SCENARIO_BYTES)
     return parse_scenario(text, where, json_format=p.suffix == ".json")
 
 
@@ -105,13 +110,14 @@ def parse_scenario(text: str, where: str = "scenario", *, json_format: bool = Fa
             data = json.loads(text)
         except ValueError as exc:
             raise ConfigError(where, f"not valid JSON: {exc}") from None
+        except RecursionError:
+            raise ConfigError(where, "not valid JSON: nested too deeply") from None
         if not isinstance(data, dict):
             raise ConfigError(where, "expected a JSON object at the top level")
+        if nesting_depth(data, MAX_DEPTH) > MAX_DEPTH:
+            raise ConfigError(where, f"nested more than {MAX_DEPTH} levels deep")
     else:
-        try:
-            data = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(where, f"not valid TOML: {exc}") from None
+        data = parse_toml(text, where)
     return scenario_from_dict(data, where)
 
 
@@ -142,7 +148,7 @@ def scenario_from_dict(data: Mapping[str, Any], where: str = "scenario") -> Scen
             f"unknown key (expected one of {', '.join(sorted(_TOP_KEYS))})",
         )
     now = data.get("now", 0.0)
-    if isinstance(now, bool) or not isinstance(now, int | float):
+    if isinstance(now, bool) or not isinstance(now, int | float) or not math.isfinite(now):
         raise ConfigError(f"{where}: now", f"expected a number of seconds, got {now!r}")
     revision = data.get("revision", 1)
     if isinstance(revision, bool) or not isinstance(revision, int):
@@ -318,7 +324,17 @@ _BARE = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
 def _key(k: str) -> str:
-    return k if _BARE.match(k) else json.dumps(k, ensure_ascii=False)
+    return k if _BARE.match(k) else _string(k)
+
+
+def _string(v: str) -> str:
+    # JSON's escapes are TOML's, but TOML also wants DEL escaped
+    return json.dumps(v, ensure_ascii=False).replace("\x7f", "\\u007f")
+
+
+def write_toml(table: Mapping[str, Any]) -> str:
+    """``table`` as TOML text: one ``key = value`` line per key (tables inline)."""
+    return "".join(f"{line}\n" for line in _pairs(table))
 
 
 def _pairs(table: Mapping[str, Any]) -> list[str]:
@@ -338,7 +354,7 @@ def _value(v: Any, *, inline: bool = False) -> str:
             return "inf" if v > 0 else "-inf"
         return repr(v)
     if isinstance(v, str):
-        return json.dumps(v, ensure_ascii=False)
+        return _string(v)
     if isinstance(v, list | tuple):
         items = [_value(x, inline=inline) for x in v]
         if not inline and sum(len(x) for x in items) > 80 and len(items) > 1:

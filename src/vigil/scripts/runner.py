@@ -33,7 +33,9 @@ from vigil.supervise.command import run_command
 from vigil.supervise.spawner import describe_exit
 
 if TYPE_CHECKING:
+    from vigil.supervise.cgroup import Cgroup
     from vigil.supervise.sentinel import ProcessRegistry
+    from vigil.supervise.spawner import Child
 
 ScriptEntry = Literal["start", "stop", "validate"]
 
@@ -51,6 +53,7 @@ class ScriptResult:
     duration: float
     error: str | None = None
     timeout: float | None = None
+    left: Child | None = None  # see CommandResult.left
 
     @property
     def ok(self) -> bool:
@@ -76,8 +79,11 @@ async def run_script(
     log_path: str | Path | None,
     registry: ProcessRegistry | None = None,
     kill_grace: float = 3.0,
+    cgroup: Cgroup | None = None,
+    keep_leftovers: bool = False,
 ) -> ScriptResult:
-    """Run ``ref.path ENTRY ref.args...``; ``timeout`` None waits forever."""
+    """Run ``ref.path ENTRY ref.args...``; ``timeout`` None waits forever.
+    ``cgroup``/``keep_leftovers``: see :func:`vigil.supervise.command.run_command`."""
     res = await run_command(
         [ref.path, entry, *ref.args],
         env=env,
@@ -85,6 +91,8 @@ async def run_script(
         log_path=log_path,
         registry=registry,
         kill_grace=kill_grace,
+        cgroup=cgroup,
+        keep_leftovers=keep_leftovers,
     )
     return ScriptResult(
         path=ref.path,
@@ -94,6 +102,7 @@ async def run_script(
         duration=res.duration,
         error=res.error,
         timeout=timeout,
+        left=res.left,
     )
 
 

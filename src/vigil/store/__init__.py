@@ -12,7 +12,7 @@
 
 from __future__ import annotations
 
-import re
+from typing import TYPE_CHECKING, Any
 
 from vigil.errors import StoreUnavailable
 from vigil.store.base import (
@@ -30,8 +30,26 @@ from vigil.store.base import (
     WatchEvent,
     prefix_end,
 )
-from vigil.store.memory import MemoryStore
-from vigil.store.sqlite import SQLiteStore
+from vigil.store.url import EXPECTED, StoreUrlError, parse_store_url
+
+if TYPE_CHECKING:
+    from vigil.store.memory import MemoryStore
+    from vigil.store.sqlite import SQLiteStore
+
+
+def __getattr__(name: str) -> Any:
+    """The backends are imported when first used, so that a small process that only
+    needs :mod:`vigil.store.revoke` (the sentinel) does not load them."""
+    if name == "MemoryStore":
+        from vigil.store.memory import MemoryStore
+
+        return MemoryStore
+    if name == "SQLiteStore":
+        from vigil.store.sqlite import SQLiteStore
+
+        return SQLiteStore
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "Compare",
@@ -49,24 +67,9 @@ __all__ = [
     "TxnResult",
     "WatchEvent",
     "open_store",
+    "parse_store_url",
     "prefix_end",
 ]
-
-_EXPECTED = "expected sqlite:///ABSOLUTE/PATH, memory:// or etcd://HOST:PORT[,HOST:PORT...]"
-_ETCD_HOST = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+)(?::([0-9]{1,5}))?")
-_ETCD_PORT = 2379
-
-
-def _etcd_endpoints(url: str) -> list[str]:
-    """``etcd://h1:2379,h2`` → ``["http://h1:2379", "http://h2:2379"]``."""
-    hosts = url.removeprefix("etcd://").split(",")
-    endpoints = []
-    for host in hosts:
-        match = _ETCD_HOST.fullmatch(host.strip())
-        if match is None or not 0 < int(match.group(2) or _ETCD_PORT) < 65536:
-            raise StoreUnavailable(f"store url {url!r}: bad etcd member {host!r}; {_EXPECTED}")
-        endpoints.append(f"http://{match.group(1)}:{match.group(2) or _ETCD_PORT}")
-    return endpoints
 
 
 def open_store(url: str, *, timeout: float | None = None) -> Store:
@@ -76,17 +79,20 @@ def open_store(url: str, *, timeout: float | None = None) -> Store:
     connected to, by the first operation. ``timeout``: for etcd, seconds one
     request may wait for one member before the next is tried (default 5 s).
     """
-    if url.startswith("sqlite://"):
-        path = url.removeprefix("sqlite://")
-        if not path.startswith("/"):
-            raise StoreUnavailable(f"store url {url!r}: the path must be absolute; {_EXPECTED}")
-        return SQLiteStore(path)
-    if url == "memory://":
-        return MemoryStore()
-    if url.startswith("etcd://"):
-        from vigil.store.etcd import EtcdStore  # httpx is imported only for etcd
+    try:
+        kind, where = parse_store_url(url)
+    except StoreUrlError as exc:
+        raise StoreUnavailable(f"store url {url!r}: {exc.problem}; {EXPECTED}") from None
+    if kind == "sqlite":
+        from vigil.store.sqlite import SQLiteStore
 
-        if timeout is None:
-            return EtcdStore(_etcd_endpoints(url))
-        return EtcdStore(_etcd_endpoints(url), timeout=timeout, connect_timeout=timeout / 2)
-    raise StoreUnavailable(f"store url {url!r} is not supported; {_EXPECTED}")
+        return SQLiteStore(where[0])
+    if kind == "memory":
+        from vigil.store.memory import MemoryStore
+
+        return MemoryStore()
+    from vigil.store.etcd import EtcdStore  # httpx is imported only for etcd
+
+    if timeout is None:
+        return EtcdStore(where)
+    return EtcdStore(where, timeout=timeout, connect_timeout=timeout / 2)

@@ -63,6 +63,7 @@ from vigil.store.base import (
 )
 from vigil.store.inotify import DirWatch
 from vigil.store.memory import check_ops
+from vigil.store.revoke import revoke_locked
 
 __all__ = ["SCHEMA_VERSION", "SQLiteStore"]
 
@@ -133,6 +134,20 @@ def _key_range(prefix: str) -> tuple[str, str | None]:
     if not stripped:
         return prefix, None
     return prefix, prefix_end(stripped)
+
+
+def _as_bytes(value: object) -> bytes:
+    """A value cell as bytes. vigil writes BLOBs; a cell edited by hand (the sqlite3
+    shell stores ``'text'`` as TEXT, ``5`` as INTEGER) is read as the bytes of its text,
+    and the record's decoder reports it, naming the key, instead of a TypeError (or,
+    for an INTEGER N, N zero bytes) stopping every reader."""
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, memoryview | bytearray):
+        return bytes(value)
+    if isinstance(value, str):
+        return value.encode("utf-8", "surrogateescape")
+    return str(value).encode()
 
 
 def _where_prefix(prefix: str) -> tuple[str, tuple[str, ...]]:
@@ -598,25 +613,12 @@ class SQLiteStore:
     @staticmethod
     def _revoke_locked(conn: sqlite3.Connection, lease_id: int, rev: int) -> int:
         """Delete the lease and its keys (one revision if there were keys)."""
-        conn.execute("DELETE FROM leases WHERE id = ?", (lease_id,))
-        keys = conn.execute(
-            "SELECT key FROM kv WHERE lease = ? ORDER BY key", (lease_id,)
-        ).fetchall()
-        if not keys:
-            return rev
-        rev += 1
-        conn.execute("DELETE FROM kv WHERE lease = ?", (lease_id,))
-        conn.executemany(
-            "INSERT INTO history (rev, key, type, value, create_rev, version, lease)"
-            " VALUES (?, ?, 'delete', x'', 0, 0, 0)",
-            [(rev, key) for (key,) in keys],
-        )
-        return rev
+        return revoke_locked(conn, lease_id, rev)
 
     @staticmethod
     def _row_kv(row: tuple[Any, ...]) -> KeyValue:
         key, value, create_rev, mod_rev, version, lease = row
-        return KeyValue(key, bytes(value), create_rev, mod_rev, version, lease)
+        return KeyValue(key, _as_bytes(value), create_rev, mod_rev, version, lease)
 
     def _get_kv(self, conn: sqlite3.Connection, key: str) -> KeyValue | None:
         row = conn.execute(
@@ -734,7 +736,7 @@ class SQLiteStore:
                     f"sqlite store {self._path}: bad history event type {kind!r} at revision {rev}"
                 ) from None
             events.append(
-                WatchEvent(event_type, key, bytes(value), rev, create_rev, version, lease)
+                WatchEvent(event_type, key, _as_bytes(value), rev, create_rev, version, lease)
             )
         return events, revision
 

@@ -97,6 +97,7 @@ def prune_restarts(policy: RestartPolicy, restarts: Sequence[float], now: float)
 
 class ServiceState(enum.StrEnum):
     STOPPED = "stopped"  # not started, or stopped on request
+    STARTING = "starting"  # type "forking": start command running, waiting for pid_file
     RUNNING = "running"  # a process is running
     BACKOFF = "backoff"  # exited; waiting restart_delay before the restart
     STOPPING = "stopping"  # stop requested: SIGTERM sent, waiting halt_timeout
@@ -127,6 +128,12 @@ TRANSITIONS: dict[tuple[ServiceState, ServiceState], str] = {
     (S.BACKOFF, S.RUNNING): "restarted",  # BACKOFF -> RUNNING
     (S.BACKOFF, S.FAILED): "respawn_failed",  # BACKOFF -> FAILED
     (S.BACKOFF, S.STOPPED): "stop_during_backoff",  # BACKOFF -> STOPPED
+    (S.STOPPED, S.STARTING): "start_forking",  # STOPPED -> STARTING
+    (S.FAILED, S.STARTING): "start_forking_again",  # FAILED -> STARTING
+    (S.BACKOFF, S.STARTING): "restart_forking",  # BACKOFF -> STARTING
+    (S.STARTING, S.RUNNING): "pid_file_read",  # STARTING -> RUNNING
+    (S.STARTING, S.FAILED): "start_failed",  # STARTING -> FAILED
+    (S.STARTING, S.STOPPED): "stop_during_start",  # STARTING -> STOPPED
     (S.STOPPING, S.STOPPED): "stopped",  # STOPPING -> STOPPED
     (S.STOPPING, S.FAILED): "survived_sigkill",  # STOPPING -> FAILED
 }

@@ -24,6 +24,7 @@ from vigil.supervise.aio import cancel_and_wait
 from vigil.supervise.command import CommandResult, run_command
 
 if TYPE_CHECKING:
+    from vigil.supervise.cgroup import Cgroup
     from vigil.supervise.sentinel import ProcessRegistry
 
 log = logging.getLogger(__name__)
@@ -115,6 +116,7 @@ class MonitorRunner:
         on_result: Callable[[MonitorVerdict], None],
         kill_grace: float = 1.0,
         first_delay: float | None = None,
+        cgroup: Cgroup | None = None,
     ) -> None:
         self.spec = spec
         self.name = spec.name
@@ -123,6 +125,7 @@ class MonitorRunner:
         self._registry = registry
         self._on_result = on_result
         self._kill_grace = kill_grace
+        self._cgroup = cgroup
         self._first_delay = spec.interval if first_delay is None else first_delay
         self._state = MonitorState()
         self._task: asyncio.Task[None] | None = None
@@ -165,6 +168,7 @@ class MonitorRunner:
             log_path=self._log_path,
             registry=self._registry,
             kill_grace=self._kill_grace,
+            cgroup=self._cgroup,
         )
         self.checks += 1
         outcome = classify(result.exit_code, result.timed_out)

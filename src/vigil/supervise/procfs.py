@@ -69,6 +69,18 @@ def start_time(pid: int) -> int | None:
     return None if st is None else st.start_time
 
 
+def uid_of(pid: int) -> int | None:
+    """The real uid of ``pid`` (``/proc/PID/status``), or None if it is gone."""
+    try:
+        with open(f"{PROC}/{pid}/status", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("Uid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 def pid_alive(pid: int) -> bool:
     """True if ``pid`` exists and is not a zombie."""
     st = read_stat(pid)

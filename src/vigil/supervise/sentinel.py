@@ -6,11 +6,21 @@ Three layers, from fastest to last resort:
 2. the **sentinel**, a small process in its own session started with
    ``python -m vigil.supervise.sentinel``, reads ``+PGID START`` / ``-PGID`` lines from a
    pipe whose only writer is the agent. When the pipe reaches EOF (the agent exited
-   or died) it SIGKILLs every process group it still knows and exits;
+   or died) it SIGKILLs the node's package cgroups (``cgroup.kill`` on the node's
+   subtree, see :mod:`vigil.supervise.containment`) and every process group it still
+   knows. Once the cgroups are empty it removes the node's addresses and **revokes
+   the agent's lease** (``L LEASE URL`` lines tell it which), so that another node
+   takes the packages over at once instead of waiting ``node_timeout``; it never
+   does so while a process of a package is alive, nor without cgroups (process
+   groups cannot prove that nothing escaped);
 3. the **state file** (JSON, replaced atomically) records the live groups with their
    leaders' start times; :func:`cleanup_leftovers`, run by the next agent at start,
    kills whatever is left of them (found by scanning ``/proc/*/stat`` for the group,
-   so grandchildren whose leader is gone are found too).
+   so grandchildren whose leader is gone are found too), and the next agent kills
+   whatever is left in the node's cgroups.
+
+The sentinel inherits the node's lock (see ``NodeContainment``): a restarted agent
+waits until the sentinel of the previous one has finished.
 
 Relocatable addresses go the same way: ``A+IP IFACE`` / ``A-IP IFACE`` lines and
 the state file's ``addresses``; whoever kills the processes also removes them
@@ -31,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -41,18 +52,22 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from vigil.supervise import procfs
+from vigil.supervise.cgroup import Cgroup
 
 if TYPE_CHECKING:
+    from vigil.supervise.containment import NodeContainment
     from vigil.supervise.spawner import Child
 
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
+#: How long SIGKILLed processes get to disappear before the sentinel gives up on them.
+KILL_WAIT = 2.0
 STATE_WRITE_DELAY = 0.1
 _MAX_SENTINEL_RESTARTS = 5
 
@@ -214,15 +229,28 @@ class Sentinel:
         self._fd: int | None = fd
 
     @classmethod
-    def start(cls, state_file: Path, *, log_path: str | Path | None = None) -> Sentinel:
-        """Start ``python -m vigil.supervise.sentinel STATE_FILE AGENT_PID`` in its own
-        session."""
+    def start(
+        cls,
+        state_file: Path,
+        *,
+        log_path: str | Path | None = None,
+        cgroup: Path | None = None,
+        lock_fds: tuple[int, ...] = (),
+        own_cgroup: Cgroup | None = None,
+    ) -> Sentinel:
+        """Start ``python -m vigil.supervise.sentinel STATE_FILE AGENT_PID [CGROUP]`` in
+        its own session; it inherits ``lock_fds`` (the node's locks) and keeps them open.
+        ``cgroup``: the node's package cgroups it kills; ``own_cgroup``: where it runs
+        (out of the agent's cgroup)."""
         from vigil.supervise.spawner import spawn
 
         src = str(Path(__file__).resolve().parents[2])  # the directory holding "vigil"
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
         read_fd, write_fd = os.pipe()  # both close-on-exec
+        # Never block the agent on a sentinel that does not read (stopped, hung): a
+        # full pipe is a failed sentinel, replaced (see ProcessRegistry._send).
+        os.set_blocking(write_fd, False)
         try:
             child = spawn(
                 [
@@ -231,10 +259,13 @@ class Sentinel:
                     "vigil.supervise.sentinel",
                     str(state_file),
                     str(os.getpid()),
+                    *([str(cgroup)] if cgroup is not None else []),
                 ],
                 env=env,
                 log_path=log_path,
                 stdin=read_fd,
+                pass_fds=lock_fds,
+                cgroup=own_cgroup,
                 die_with_parent=False,  # it must outlive us: that is its whole point
             )
         except BaseException:
@@ -249,13 +280,24 @@ class Sentinel:
         return self.child.pid
 
     def send(self, line: str) -> None:
-        """Write one line; raises BrokenPipeError if the sentinel is gone."""
+        """Write one line without blocking; raises OSError if the sentinel is gone
+        (BrokenPipeError) or does not read its pipe (it is full)."""
         if self._fd is None:
             raise BrokenPipeError("the sentinel pipe is closed")
         data = (line + "\n").encode()
-        while data:
-            n = os.write(self._fd, data)
-            data = data[n:]
+        n = os.write(self._fd, data)  # BlockingIOError when the pipe is full
+        if n != len(data):
+            raise OSError(errno.EAGAIN, "the sentinel's pipe is full (it does not read)")
+
+    def abandon(self) -> Child:
+        """Close the pipe and SIGKILL the sentinel without waiting (it failed); the
+        caller reaps the returned child later."""
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
+        self.child.signal_group(signal.SIGKILL)
+        return self.child
 
     def close(self, wait: float = 2.0) -> bool:
         """Close the pipe (the sentinel kills what it still knows and exits) and reap it,
@@ -273,9 +315,22 @@ class Sentinel:
         return True
 
 
+class Tracked(Protocol):
+    """What the registry needs of a process it tracks: a :class:`~vigil.supervise.
+    spawner.Child`, or an ``Adopted`` daemon (a forking service's main process)."""
+
+    pgid: int
+    start_time: int | None
+    argv: tuple[str, ...]
+
+    def poll(self) -> int | None: ...
+
+    def signal_group(self, sig: int) -> None: ...
+
+
 @dataclass
 class _Entry:
-    child: Child
+    child: Tracked
     start: int | None
     on_kill: Callable[[], None] | None
 
@@ -287,12 +342,19 @@ class ProcessRegistry:
     what tests and one-shot commands want.
     """
 
-    def __init__(self, state_file: Path | None = None, sentinel: Sentinel | None = None) -> None:
+    def __init__(
+        self,
+        state_file: Path | None = None,
+        sentinel: Sentinel | None = None,
+        containment: NodeContainment | None = None,
+    ) -> None:
         self.state_file = state_file
         self.sentinel = sentinel
+        self.containment = containment
+        self._lease: tuple[int, str] | None = None
         self._entries: dict[int, _Entry] = {}
         self._addresses: set[tuple[str, str]] = set()
-        self._reaping: set[Child] = set()
+        self._reaping: set[Tracked] = set()
         self._sentinel_restarts = 0
         self._sentinel_log: str | Path | None = None
         self.deadline: float | None = None
@@ -301,12 +363,42 @@ class ProcessRegistry:
             self._write_state()
 
     @classmethod
-    def start(cls, state_file: Path, *, log_path: str | Path | None = None) -> ProcessRegistry:
+    def start(
+        cls,
+        state_file: Path,
+        *,
+        log_path: str | Path | None = None,
+        containment: NodeContainment | None = None,
+    ) -> ProcessRegistry:
         """A registry with a sentinel and a state file (run :func:`cleanup_leftovers`
-        on the same file first)."""
-        reg = cls(state_file, Sentinel.start(state_file, log_path=log_path))
+        on the same file first). With ``containment``, the sentinel also kills the
+        node's cgroups and holds the node's lock."""
+        reg = cls(state_file, None, containment)
         reg._sentinel_log = log_path
+        reg.sentinel = reg._start_sentinel()
         return reg
+
+    def _start_sentinel(self) -> Sentinel:
+        assert self.state_file is not None
+        c = self.containment
+        return Sentinel.start(
+            self.state_file,
+            log_path=self._sentinel_log,
+            cgroup=c.packages_cgroup.path if c is not None and c.packages_cgroup else None,
+            lock_fds=c.lock_fds if c is not None else (),
+            own_cgroup=c.sentinel_cgroup if c is not None else None,
+        )
+
+    def set_lease(self, lease: int, store_url: str) -> None:
+        """Tell the sentinel the agent's lease: if the agent dies, the sentinel revokes
+        it once every package process is dead (cgroups only)."""
+        self._lease = (lease, store_url)
+        self._send(f"L {lease} {store_url}")
+
+    def clear_lease(self) -> None:
+        """The agent gave its lease up itself (or is about to): nothing to revoke."""
+        self._lease = None
+        self._send("L 0")
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -317,7 +409,7 @@ class ProcessRegistry:
     def pgids(self) -> list[int]:
         return sorted(self._entries)
 
-    def add(self, child: Child, *, on_kill: Callable[[], None] | None = None) -> None:
+    def add(self, child: Tracked, *, on_kill: Callable[[], None] | None = None) -> None:
         """Record ``child``'s group. ``on_kill`` is called if :meth:`kill_all` kills it
         (a supervisor uses it to know that it must not restart)."""
         self._reap_some()
@@ -326,7 +418,7 @@ class ProcessRegistry:
         self._state_changed()
         self._send(f"+{child.pgid} {start if start is not None else 0}")
 
-    def remove(self, child: Child) -> None:
+    def remove(self, child: Tracked) -> None:
         """Forget ``child``'s group (call it once the group is empty)."""
         self._reap_some()
         entry = self._entries.get(child.pgid)
@@ -373,8 +465,11 @@ class ProcessRegistry:
         return self.deadline is None or time.monotonic() < self.deadline
 
     def kill_all(self, only: Iterable[int] | None = None) -> list[int]:
-        """SIGKILL every known group (or those in ``only``) now, without waiting; for
-        fencing and emergencies. Returns the pgids signalled."""
+        """SIGKILL every known group (or those in ``only``) and, without ``only``, the
+        node's package cgroups, now, without waiting; for fencing and emergencies.
+        Returns the pgids signalled."""
+        if only is None and self.containment is not None:
+            self.containment.kill_all()
         wanted = set(self._entries) if only is None else set(only) & set(self._entries)
         killed = []
         for pgid in sorted(wanted):
@@ -448,7 +543,9 @@ class ProcessRegistry:
             return
         except OSError as exc:
             log.error("the sentinel (pid %d) is gone (%s)", self.sentinel.pid, exc)
-        self.sentinel.close(wait=0.5)
+        # Never wait for it here: this runs inside the lease renewal. Kill it (it
+        # may be hung rather than dead) and reap it later.
+        self._reaping.add(self.sentinel.abandon())
         self.sentinel = None
         if self.state_file is None or self._sentinel_restarts >= _MAX_SENTINEL_RESTARTS:
             log.error("running without a sentinel: processes may outlive a killed agent")
@@ -457,13 +554,15 @@ class ProcessRegistry:
         from vigil.errors import SpawnError
 
         try:
-            sentinel = Sentinel.start(self.state_file, log_path=self._sentinel_log)
+            sentinel = self._start_sentinel()
             for pgid, e in self._entries.items():
                 sentinel.send(f"+{pgid} {e.start if e.start is not None else 0}")
             for ip, dev in self._addresses:
                 sentinel.send(f"A+{ip} {dev}")
             if self.deadline is not None:
                 sentinel.send(f"D {self.deadline:.3f}")
+            if self._lease is not None:
+                sentinel.send(f"L {self._lease[0]} {self._lease[1]}")
         except (SpawnError, OSError) as exc:
             log.error("cannot restart the sentinel: %s", exc)
             return
@@ -495,17 +594,52 @@ def _recorded(groups: Mapping[int, int | None]) -> list[RecordedGroup]:
     return [RecordedGroup(pgid, start) for pgid, start in groups.items()]
 
 
+@dataclass
+class _Watched:
+    """What the sentinel knows of its agent's node (see the module docstring)."""
+
+    agent: int
+    cgroup: Cgroup | None
+    groups: dict[int, int | None] = field(default_factory=dict)
+    addresses: set[tuple[str, str]] = field(default_factory=set)
+    lease: tuple[int, str] | None = None  # (lease id, store URL)
+
+    def kill(self) -> list[int]:
+        """SIGKILL the node's package cgroups and every known group (no waiting)."""
+        if self.cgroup is not None:
+            self.cgroup.kill()
+        return kill_groups(_recorded(self.groups))
+
+
+def parse_lease(line: str) -> tuple[int, str] | None:
+    """``L LEASE URL``: the agent's lease and the store it lives in; ``L 0`` clears."""
+    parts = line[1:].strip().split(None, 1)
+    try:
+        lease = int(parts[0]) if parts else 0
+    except ValueError:
+        return None
+    if lease <= 0 or len(parts) < 2:
+        return None
+    return lease, parts[1]
+
+
+def _say(text: str) -> None:
+    print(f"vigil sentinel: {text}", file=sys.stderr, flush=True)
+
+
 def main(argv: list[str]) -> int:
     """The sentinel: follow the pipe on stdin, kill everything at EOF or when the
-    agent's lease deadline passes without a renewal."""
+    agent's lease deadline passes without a renewal; at EOF, revoke the lease once
+    the node's cgroups are empty. ``argv``: STATE_FILE AGENT_PID [NODE_CGROUP]."""
     for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)  # only EOF (or SIGKILL) ends the sentinel
     state_file = Path(argv[0]) if argv else None
     # The agent's PID comes from the command line: by the time this runs the agent may
     # already be dead, and getppid() would name whoever adopted us.
     agent = int(argv[1]) if len(argv) > 1 else os.getppid()
-    groups: dict[int, int | None] = {}
-    addresses: set[tuple[str, str]] = set()
+    # kill() and populated() only need the directory, not the path inside the hierarchy
+    node_cg = Cgroup(Path(argv[2]), "") if len(argv) > 2 else None
+    w = _Watched(agent, node_cg)
     fd = sys.stdin.fileno()
     buf = b""
     deadline: float | None = None
@@ -515,18 +649,17 @@ def main(argv: list[str]) -> int:
         if not ready:
             # The agent did not renew its lease in time (stopped, hung, cut off from the
             # store): its lease may expire elsewhere soon, so its packages die now.
-            fenced = kill_groups(_recorded(groups))
-            removed = del_addresses(addresses)
-            groups.clear()
-            addresses.clear()
+            fenced = w.kill()
+            removed = del_addresses(w.addresses)
+            w.groups.clear()
+            w.addresses.clear()
             deadline = None
-            print(
-                f"vigil sentinel: agent {agent} missed its lease deadline; fenced process "
-                "groups "
+            _say(
+                f"agent {agent} missed its lease deadline; killed "
+                + ("the node's package cgroups and " if w.cgroup is not None else "")
+                + "process groups "
                 + " ".join(map(str, sorted(fenced)))
-                + (f"; removed addresses {', '.join(removed)}" if removed else ""),
-                file=sys.stderr,
-                flush=True,
+                + (f"; removed addresses {', '.join(removed)}" if removed else "")
             )
             continue
         data = os.read(fd, 65536)
@@ -539,28 +672,57 @@ def main(argv: list[str]) -> int:
             if line.startswith("D"):
                 deadline = parse_deadline(line)
             elif line.startswith("A"):
-                parse_address(line, addresses)
+                parse_address(line, w.addresses)
+            elif line.startswith("L"):
+                w.lease = parse_lease(line)
+                if w.lease is not None:
+                    import vigil.store.revoke  # noqa: F401  now, not when every ms counts
             else:
-                parse_line(line, groups)
+                parse_line(line, w.groups)
     # EOF: the agent has closed the pipe, exited or died.
-    killed = kill_groups(_recorded(groups))
-    removed = del_addresses(addresses)
+    _on_agent_gone(w, state_file)
+    return 0
+
+
+def _on_agent_gone(w: _Watched, state_file: Path | None) -> None:
+    killed = w.kill()
+    addresses = set(w.addresses)
     if state_file is not None:
         state = read_state(state_file)
-        if state is not None and state.agent_pid == agent:
+        if state is not None and state.agent_pid == w.agent:
             killed += [p for p in kill_groups(state.groups) if p not in killed]
-            removed += [a for a in del_addresses(state.addresses) if a not in removed]
+            addresses |= set(state.addresses)
             with contextlib.suppress(OSError):
                 os.unlink(state_file)
-    if killed or removed:
-        print(
-            f"vigil sentinel: agent {agent} is gone; killed process groups "
-            + " ".join(map(str, sorted(killed)))
-            + (f"; removed addresses {', '.join(removed)}" if removed else ""),
-            file=sys.stderr,
-            flush=True,
+    empty = w.cgroup is not None and w.cgroup.wait_empty_sync(KILL_WAIT)
+    removed = del_addresses(addresses)
+    revoked = ""
+    if w.lease is not None:
+        lease, url = w.lease
+        if not empty:
+            revoked = f"; lease {lease:x} left to expire (" + (
+                "no cgroups: cannot prove every process is gone)"
+                if w.cgroup is None
+                else "processes survived SIGKILL)"
+            )
+        else:
+            from vigil.store.revoke import RevokeFailed, revoke_lease
+
+            try:
+                done = revoke_lease(url, lease)
+                revoked = f"; revoked lease {lease:x}" if done else ""
+            except RevokeFailed as exc:
+                revoked = f"; cannot revoke lease {lease:x}: {exc}"
+    if killed or removed or revoked or (w.cgroup is not None and w.lease is not None):
+        what = ["the node's package cgroups"] if w.cgroup is not None else []
+        if killed:
+            what.append("process groups " + " ".join(map(str, sorted(killed))))
+        _say(
+            f"agent {w.agent} is gone; killed "
+            + (" and ".join(what) or "nothing")
+            + (f"; removed addresses {', '.join(removed)}" if removed else "")
+            + revoked
         )
-    return 0
 
 
 def parse_address(line: str, addresses: set[tuple[str, str]]) -> None:

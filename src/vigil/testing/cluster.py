@@ -40,6 +40,7 @@ from vigil.errors import StoreError
 from vigil.keys import Keys
 from vigil.snapshot import read_snapshot
 from vigil.store import Store, open_store
+from vigil.supervise.cgroup import Cgroup, find_hierarchy
 from vigil.view import cluster_view
 
 View = dict[str, Any]
@@ -48,6 +49,26 @@ UNSHARE = ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child"]
 # unshare gets SIGKILL if the test runner dies, and with it (--kill-child) the node's
 # whole PID namespace: no agent outlives an interrupted test run. Best effort.
 PDEATHSIG = ["setpriv", "--pdeathsig", "KILL"] if shutil.which("setpriv") else []
+
+
+def _test_cgroup_root(root: Path) -> Path | None:
+    """A fresh cgroup directory for one test cluster, or None where cgroup v2 cannot be
+    written (the agents then fall back to process groups)."""
+    hierarchy = find_hierarchy()
+    if hierarchy is None or not os.access(hierarchy, os.W_OK):
+        return None
+    return hierarchy / "vigil-test" / f"{root.name}-{os.getpid()}-{time.monotonic_ns()}"
+
+
+def _remove_cgroups(path: Path) -> None:
+    """Kill what is left in a test cluster's cgroups and remove them."""
+    hierarchy = find_hierarchy()
+    if hierarchy is None or not path.exists():
+        return
+    cg = Cgroup.at(hierarchy, path)
+    cg.kill()
+    cg.wait_empty_sync(5.0)
+    cg.remove()
 
 
 def _summary(view: View, limit: int = 40) -> str:
@@ -139,6 +160,9 @@ class LocalCluster:
             f'{listed}state_dir = "{root}/state"\n{extra_cluster}'
         )
         self.agents: dict[str, subprocess.Popen[bytes]] = {}
+        # Each cluster's package cgroups in their own subtree, so that clusters of
+        # concurrent test runs with the same cluster and node names never meet.
+        self.cgroup_root = _test_cgroup_root(root)
         self._init: dict[str, int] = {}  # isolated node -> host PID of its vigild (ns init)
         self._ns: dict[str, str] = {}  # isolated node -> its PID namespace ("pid:[N]")
         self._runner: asyncio.Runner | None = None
@@ -162,8 +186,14 @@ class LocalCluster:
         return path
 
     def env(self, **extra: str) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("VIGIL_")}
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith("VIGIL_") or k.startswith("VIGIL_TEST_")
+        }
         env["VIGIL_CONFIG"] = str(self.config)
+        if self.cgroup_root is not None:
+            env["VIGIL_CGROUP_ROOT"] = str(self.cgroup_root)
         env.update(extra)
         return env
 
@@ -342,6 +372,14 @@ class LocalCluster:
             self._ns.pop(node, None)
         return rc
 
+    def package_cgroup(self, node: str, pkg: str) -> Cgroup | None:
+        """The cgroup of ``pkg`` on ``node`` (None without cgroups)."""
+        if self.cgroup_root is None:
+            return None
+        hierarchy = find_hierarchy()
+        assert hierarchy is not None
+        return Cgroup.at(hierarchy, self.cgroup_root / self.name / node / "packages" / pkg)
+
     def controller(self) -> str | None:
         """The node holding the controller (leader) key, from the store."""
         for name, n in self.view()["nodes"].items():
@@ -439,6 +477,8 @@ class LocalCluster:
             if self._runner is not None:
                 self._runner.close()
                 self._runner = None
+            if self.cgroup_root is not None:
+                _remove_cgroups(self.cgroup_root)
 
     def __enter__(self) -> LocalCluster:
         return self

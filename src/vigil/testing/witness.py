@@ -212,11 +212,15 @@ def service_toml(
     name: str = "witness",
     port: int | None = None,
     extra: str = "",
+    detached: bool = False,
 ) -> str:
-    """A ``[[service]]`` section running the witness for ``package``."""
+    """A ``[[service]]`` section running the witness for ``package`` (``detached``:
+    with a daemon of its own that leaves its process group)."""
     argv = [sys.executable, "-m", "vigil.testing.witness", str(log), package]
     if port is not None:
         argv += ["--http", str(port)]
+    if detached:
+        argv.append("--detached")
     command = ", ".join(f'"{a}"' for a in argv)
     return f'[[service]]\nname = "{name}"\ncommand = [{command}]\n{extra}'
 
@@ -250,12 +254,31 @@ def serve_http(port: int, answer: bytes, host: str = "127.0.0.1") -> None:
     server.serve_forever(poll_interval=0.05)
 
 
+def _daemonize() -> bool:
+    """Fork a classic daemon (fork, setsid, fork). True in the daemon, False in the
+    original process."""
+    first = os.fork()
+    if first > 0:
+        os.waitpid(first, 0)
+        return False
+    os.setsid()
+    if os.fork() > 0:
+        os._exit(0)
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vigil.testing.witness")
     parser.add_argument("log")
     parser.add_argument("package")
     parser.add_argument("--http", type=int, default=None, metavar="PORT")
     parser.add_argument("--interval", type=float, default=HEARTBEAT)
+    parser.add_argument(
+        "--detached",
+        action="store_true",
+        help="also fork a daemon (fork, setsid, fork) that writes heartbeats of the "
+        "same incarnation: a process that leaves the service's process group",
+    )
     args = parser.parse_args(argv)
     node = os.environ.get("VIGIL_NODE", "?")
     pid = os.getpid()
@@ -264,12 +287,20 @@ def main(argv: list[str] | None = None) -> int:
     def record(kind: str) -> None:
         os.write(fd, f"{kind} {node} {args.package} {time.monotonic_ns()} {pid}\n".encode())
 
+    record("start")
+    if args.detached and _daemonize():
+        # The daemon writes heartbeats of the same incarnation (the main process's
+        # PID): while it lives, that incarnation is running, wherever its main is.
+        signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+        while True:
+            record("alive")
+            time.sleep(args.interval)
+
     def on_term(_sig: int, _frame: object) -> None:
         record("stop")
         os._exit(0)
 
     signal.signal(signal.SIGTERM, on_term)
-    record("start")
     if args.http is not None:
         answer = f"{node} {args.package} {pid}\n".encode()
         threading.Thread(target=serve_http, args=(args.http, answer), daemon=True).start()
