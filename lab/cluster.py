@@ -67,6 +67,11 @@ class LabPackage:
     nodes: list[str]
 
 
+# Node switching that a crash loop turned off comes back on by itself after this
+# (no operator `enable -n`); well inside the settle bound (lab/run.py BOUND).
+FAILURE_TIMEOUT = "10s"
+
+
 def package_toml(pkg: LabPackage, root: Path) -> str:
     """A lab package: the hang hook script, its address on eth0, the witness service."""
     nodes = ", ".join(f'"{n}"' for n in pkg.nodes)
@@ -77,7 +82,8 @@ def package_toml(pkg: LabPackage, root: Path) -> str:
     command = ", ".join(f'"{a}"' for a in service)
     return (
         f'name = "{pkg.name}"\nnodes = [{nodes}]\nrun_script_timeout = "4s"\n'
-        f'halt_script_timeout = "4s"\nrestart_limit = 2\nrestart_window = "60s"\n\n'
+        f'halt_script_timeout = "4s"\nrestart_limit = 2\nrestart_window = "60s"\n'
+        f'failure_timeout = "{FAILURE_TIMEOUT}"\n\n'
         f'[env]\nPYTHONPATH = "{Path(__file__).resolve().parent.parent}"\n'
         f'LAB_CTL = "{root / "ctl"}"\n\n'
         f'[[external_script]]\npath = "scripts/hook.sh"\n\n'

@@ -7,7 +7,9 @@ Each step:
    double runs every half second (a double run fails the step at once);
 3. **heal**: the fault is undone; then the operator's part, as a person on call
    would do it: ``vigil package clear`` of a package left ``failed`` or
-   ``halt_failed``, ``vigil package enable`` of switching a failure turned off;
+   ``halt_failed``, ``vigil package enable`` of global switching a failed start
+   turned off (node switching that a failure turned off comes back by itself: the
+   packages have ``failure_timeout``);
 4. **audit**: within ``BOUND`` seconds every package must run again and every
    live host's ``vigil status --json`` agree; then the audits of :mod:`lab.audit`.
 
@@ -208,7 +210,7 @@ class Run:
         return out
 
     def operate(self, view: View) -> None:
-        """What an operator does after a failure: clear, enable switching again; with
+        """What an operator does after a failure: clear, enable global switching; with
         ``stale-address`` known, delete a package's address from live hosts that do
         not run it (the workaround for that bug, counted)."""
         via = self.lab.live_hosts()[0]
@@ -218,9 +220,6 @@ class Run:
             if p.get("state") in ("failed", "halt_failed"):
                 self.lab.on(via, "package", "clear", name)
                 self.result.operator["clear"] += 1
-            for node in p.get("disabled_nodes") or []:
-                self.lab.on(via, "package", "enable", name, "-n", node)
-                self.result.operator["enable -n"] += 1
             if not p.get("auto_run"):
                 self.lab.on(via, "package", "enable", name)
                 self.result.operator["enable"] += 1

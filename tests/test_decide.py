@@ -151,15 +151,45 @@ def test_after_start_failure_table() -> None:
     one = snap([spec], up=["n1"])
     two = snap([spec], up=["n1", "n2"])
     # exit 1 / timeout: global switching off, failed
-    r = after_start_failure(spec, AdminRecord(), two, "n1", failover=False)
+    r = after_start_failure(spec, AdminRecord(), two, "n1", failover=False, wall=5.0)
     assert r.state is PackageState.FAILED and r.admin.auto_run is False
+    assert r.admin.failed_nodes == {}
     # exit 2 with another node: node switching off here, halted for n2 to take
-    r = after_start_failure(spec, AdminRecord(), two, "n1", failover=True)
+    r = after_start_failure(spec, AdminRecord(), two, "n1", failover=True, wall=5.0)
     assert r.state is PackageState.HALTED and r.admin.disabled_nodes == ("n1",)
     assert r.admin.auto_run is True
+    # ... recorded as a failure's (failure_timeout turns it on again), with its time
+    assert r.admin.failed_nodes == {"n1": 5.0}
     # exit 2 alone: failed
-    r = after_start_failure(spec, AdminRecord(), one, "n1", failover=True)
+    r = after_start_failure(spec, AdminRecord(), one, "n1", failover=True, wall=5.0)
     assert r.state is PackageState.FAILED and r.admin.disabled_nodes == ("n1",)
+
+
+def test_failure_on_a_node_an_operator_switched_off_stays_the_operators() -> None:
+    """`package disable -n n1` while it runs on n1, then it fails there: n1 stays off
+    until an operator turns it on (failure_timeout does not expire an operator's off)."""
+    spec = pkg()
+    two = snap([spec], up=["n1", "n2"])
+    off = AdminRecord(disabled_nodes=("n1",))
+    r = after_start_failure(spec, off, two, "n1", failover=True, wall=5.0)
+    assert r.admin.disabled_nodes == ("n1",) and r.admin.failed_nodes == {}
+    # a node off after an earlier failure: the new failure restarts its clock
+    failed = AdminRecord(disabled_nodes=("n1",), failed_nodes={"n1": 1.0})
+    r = after_start_failure(spec, failed, two, "n1", failover=True, wall=5.0)
+    assert r.admin.failed_nodes == {"n1": 5.0}
+
+
+def test_operator_restart_is_carried_out_once_while_running() -> None:
+    s = snap([pkg()], up=["n1"], owners={"web": "n1"},
+             admin={"web": AdminRecord(restart_generation=2)})  # fmt: skip
+    running = LocalPackage(PackageState.RUNNING, False, 0, restart_generation=1)
+    [d] = decide(s, "n1", {"web": running})
+    assert d.verb is Verb.RESTART and d.start_reason is StartReason.RESTART
+    assert d.halt_reason is HaltReason.USER_HALT
+    done = LocalPackage(PackageState.RUNNING, False, 0, restart_generation=2)
+    assert decide(s, "n1", {"web": done}) == []
+    starting = LocalPackage(PackageState.STARTING, False, 0, restart_generation=1)
+    assert decide(s, "n1", {"web": starting}) == []
 
 
 def test_no_assignment_no_start() -> None:
@@ -189,3 +219,28 @@ def test_held_package_assigned_elsewhere_halts() -> None:
     assert d[0].verb is Verb.HALT
     assert d[0].halt_reason is HaltReason.AUTOMATIC_HALT
     assert d[0].reason == "failback to preferred node n2"
+
+
+def test_an_operator_halt_waits_for_the_plan_that_halts_dependents_first() -> None:
+    """`package halt db` while web (up, same_node on db) runs: the controller halts web
+    first (db halt_wait); db's node halts db only once the plan points it away."""
+    db, web = pkg("db"), pkg("web", dependency=[{"package": "db"}])
+    running = {p: PackageStatus(state=PackageState.RUNNING, node="n1") for p in ("db", "web")}
+    local = {p: LocalPackage(PackageState.RUNNING, False, 0) for p in ("db", "web")}
+    halt = {"db": AdminRecord(auto_run=False, halt_requested=True)}
+    before = snap([db, web], up=["n1"], owners={"db": "n1", "web": "n1"}, status=running,
+                  planned=False, assignments={p: Assignment(node="n1") for p in ("db", "web")})  # fmt: skip
+    # the request is seen before the controller planned it: nothing yet
+    assert decide(dataclasses.replace(before, admin=halt), "n1", local) == []
+    planned = dataclasses.replace(before, admin=halt)
+    planned = dataclasses.replace(planned, assignments=plan(planned, 0.0).assignments)
+    assert planned.assignments["db"].reason.startswith("halt_wait")
+    [d] = decide(planned, "n1", local)
+    assert (d.package, d.verb, d.halt_reason) == ("web", Verb.HALT, HaltReason.AUTOMATIC_HALT)
+    # web halted and released: now db halts
+    gone = dataclasses.replace(
+        planned, owners={"db": "n1"}, status={**running, "web": PackageStatus(node="n1")}
+    )
+    gone = dataclasses.replace(gone, assignments=plan(gone, 1.0).assignments)
+    [d] = decide(gone, "n1", {"db": local["db"]})
+    assert (d.package, d.verb, d.halt_reason) == ("db", Verb.HALT, HaltReason.USER_HALT)

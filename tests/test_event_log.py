@@ -78,3 +78,34 @@ def test_trim_uses_transactions_etcd_accepts(tmp_path: Path) -> None:
 
     assert asyncio.run(scenario()) == events.KEPT
     assert sum(sizes) == 400 and max(sizes) <= 128
+
+
+def test_vigil_events_orders_nodes_by_store_order_not_their_clocks(tmp_path: Path) -> None:
+    """n2's wall clock is an hour behind n1's: n2's event, written after n1's, is still
+    shown after it (trimming keeps the newest by store order too)."""
+    from vigil.testing.cluster import LocalCluster
+
+    with LocalCluster(tmp_path, ["n1", "n2"]) as c:
+        c.write_package('name = "web"\n')
+        c.apply()
+        keys = Keys("test")
+        status = PackageStatus(state=PackageState.RUNNING, node="n1", message="on n1")
+        behind = PackageStatus(state=PackageState.HALTED, node="n2", message="on n2, later")
+
+        async def write() -> None:
+            store = open_store(c.store_url)
+            try:
+                n1, n2 = EventLog(store, keys, "n1"), EventLog(store, keys, "n2")
+                first = n1.op("web", PackageState.STARTING, status)
+                await store.txn([], [first], [])
+                later = n2.op("web", PackageState.RUNNING, behind)
+                late_ns = int(first.key.rsplit("/", 1)[1].split(".")[0]) - 3600 * 10**9
+                await store.txn([], [Put(keys.event(late_ns, "n2"), later.value)], [])
+            finally:
+                await store.close()
+
+        asyncio.run(write())
+        lines = c.vigil("events").stdout.splitlines()
+        assert [line.split()[2] for line in lines] == ["n1", "n2"], lines
+        shown = [json.loads(x) for x in c.vigil("events", "--json").stdout.splitlines()]
+        assert [e["reason"] for e in shown] == ["on n1", "on n2, later"]

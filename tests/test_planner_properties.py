@@ -24,7 +24,14 @@ of an earlier plan. What must hold for every plan:
     more for them and does not halt or move them, unless a rule says so;
 (g) the agent (``decide``) carries out every START the plan assigns;
 (h) no START onto a node X flagged ``!nofailover!N``, N the node the package last
-    ran on (X != N).
+    ran on (X != N);
+(i) dependents halt first: no HALT or MOVE of a package while a held package that
+    needs it (``up``; ``same_node`` ones on its node) and is not in maintenance is
+    still held, unless its ``successor_halt_timeout`` passed (the reason says so),
+    operator halts (``halt_requested``, ``node halt``) included;
+(j) priority through ``different_node``: a package moved to make room for a more
+    important one is one that package needs ``up`` on a different node, and it is
+    strictly less important.
 """
 
 from __future__ import annotations
@@ -282,6 +289,37 @@ def check_plan(snap: Snapshot, result: Plan) -> None:
                         )
 
 
+def check_dependents_first(snap: Snapshot, result: Plan) -> None:
+    """(i) and (j)."""
+    for act in result.actions:
+        if act.verb not in (Verb.HALT, Verb.MOVE):
+            continue
+        pkg, owner = act.package, snap.owners.get(act.package)
+        waiting = [
+            q
+            for q, spec in snap.packages.items()
+            if q != pkg
+            and q in snap.owners
+            and not snap.admin_of(q).maintenance
+            and snap.status_of(q).state is not PackageState.MAINTENANCE
+            and any(
+                d.package == pkg
+                and d.condition == "up"
+                and (d.location != "same_node" or snap.owners[q] == owner)
+                for d in spec.dependency
+            )
+        ]
+        if waiting:
+            assert "successor_halt_timeout passed" in act.reason, (act, waiting)
+        m = re.match(r"making room for more important package (\S+)$", act.reason)
+        if act.verb is Verb.MOVE and m:
+            a = m.group(1)
+            needs = [d for d in snap.packages[a].dependency if d.package == pkg]
+            assert any(d.location == "different_node" and d.condition == "up" for d in needs)
+            prio = snap.packages[a].priority
+            assert prio is not None and prio < (snap.packages[pkg].priority or 10_000)
+
+
 def _conflict_up(loc: str, here: str, dep_at: str) -> bool:
     if loc == "same_node":
         return here != dep_at
@@ -344,6 +382,7 @@ def test_plan_invariants(snap: Snapshot) -> None:
     result = plan(snap, NOW)
     check_plan(snap, result)
     check_agent_agrees(snap, result)
+    check_dependents_first(snap, result)
 
 
 @SETTINGS
@@ -406,5 +445,6 @@ def test_golden_scenarios_keep_the_invariants(path: Path) -> None:
     result = plan(scenario.snapshot, scenario.now)
     check_plan(scenario.snapshot, result)
     check_agent_agrees(scenario.snapshot, result)
+    check_dependents_first(scenario.snapshot, result)
     check_started_stay(scenario.snapshot, scenario.now)
     assert plan(reordered(scenario.snapshot), scenario.now) == result

@@ -24,7 +24,9 @@ key as "file".
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
+import json
 import math
 import os
 import re
@@ -477,6 +479,9 @@ class PackageSpec(_Spec):
     successor_halt_timeout: OptTimeout = 300.0
     restart_limit: Annotated[int, Field(ge=0)] = 3
     restart_window: Window = 600.0
+    # Pacemaker's failure-timeout: node switching that a failure turned off comes back
+    # on by itself this long after the failure (None: only an operator turns it on)
+    failure_timeout: OptDuration = None
     halt_timeout: Duration = 10.0
     log_max_size: ByteSize = 10 * 1024 * 1024
     log_keep: Annotated[int, Field(ge=0, le=100)] = 5
@@ -544,6 +549,13 @@ class PackageSpec(_Spec):
     def scripts(self) -> list[ScriptRef]:
         return [*self.external_pre_script, *self.external_script]
 
+    def digest(self) -> str:
+        """A short fingerprint of this definition (12 hex digits of the SHA-256 of its
+        canonical JSON): a running package whose fingerprint differs from the applied
+        definition's runs an older one."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
 
 HOOK_PHASES = (
     "pre_restore",
@@ -577,6 +589,9 @@ class ClusterSpec(_Spec):
     failover: Literal["on", "off"] = "on"
     nodes: list[Name] | None = None
     state_dir: str = "/var/lib/vigil"
+    # Pacemaker's dc-deadtime: how long a new controller waits for the expected nodes
+    # to join before it places packages that never ran (default 2 x node_timeout)
+    formation_timeout: Duration | None = None
 
     @field_validator("store")
     @classmethod
@@ -595,6 +610,12 @@ class ClusterSpec(_Spec):
         if not v.startswith("/"):
             raise ValueError(f"expected an absolute path, got {given(v)}")
         return v
+
+    def formation_wait(self) -> float:
+        """The cluster formation bound in seconds (``formation_timeout``)."""
+        if self.formation_timeout is None:
+            return 2 * self.node_timeout
+        return self.formation_timeout
 
 
 # --------------------------------------------------------------------------- loading

@@ -3,6 +3,7 @@
 /vigil/CLUSTER/config/cluster        ClusterSpec (JSON), as applied
 /vigil/CLUSTER/config/packages/PKG   PackageSpec (JSON), as applied
 /vigil/CLUSTER/nodes/NODE            NodeRecord, bound to the node's lease (present = up)
+/vigil/CLUSTER/members/NODE          MemberRecord: the node joined once (no lease: kept while down)
 /vigil/CLUSTER/owner/PKG             name of the node running PKG, bound to its lease: the truth
 /vigil/CLUSTER/status/PKG            PackageStatus, written by the node acting on PKG
 /vigil/CLUSTER/admin/PKG             AdminRecord: switching and operator requests
@@ -43,6 +44,13 @@ class Keys:
 
     def node(self, name: str) -> str:
         return self.nodes + name
+
+    @property
+    def members(self) -> str:
+        return self.root + "members/"
+
+    def member(self, name: str) -> str:
+        return self.members + name
 
     @property
     def owners(self) -> str:

@@ -99,6 +99,10 @@ class PackageStatus(_Record):
     message: str = ""
     since: float = Field(default_factory=time.time)
     restarts: int = 0  # package restarts in place (monitor action `restart`)
+    # which applied definition this run started with (PackageSpec.digest(); "" before
+    # it started): `vigil status` shows "stale" while the applied one differs
+    definition: str = ""
+    restart_generation: int = 0  # the operator restarts (AdminRecord) carried out
     services: dict[str, ServiceStatus] = Field(default_factory=dict)
     monitors: dict[str, MonitorStatus] = Field(default_factory=dict)
 
@@ -107,17 +111,32 @@ class AdminRecord(_Record):
     """``admin/PKG``: what operators asked for. Written only by the CLI.
 
     ``auto_run`` is global switching; ``disabled_nodes`` are the nodes whose node
-    switching is off; ``halt_requested`` asks the owning node to halt the package;
-    ``clear_generation`` is bumped by ``vigil package clear`` and ``package start``
-    so that the node holding a failed / halt_failed package resets it once.
+    switching is off; ``failed_nodes`` are those of them that a failure turned off
+    (node -> wall-clock time of the failure, for display and to tell one failure from
+    the next: the controller measures ``failure_timeout`` with its own monotonic clock
+    from when it first saw the entry); ``halt_requested`` asks the owning node to halt
+    the package; ``clear_generation`` is bumped by ``vigil package clear`` and
+    ``package start`` so that the node holding a failed / halt_failed package resets it
+    once; ``restart_generation`` is bumped by ``vigil package restart``.
     """
 
     auto_run: bool = True
     disabled_nodes: tuple[str, ...] = ()
+    failed_nodes: dict[str, float] = Field(default_factory=dict)
     halt_requested: bool = False
     maintenance: bool = False
     clear_generation: int = 0
     start_node: str | None = None
+    restart_generation: int = 0
+
+    def switching_on(self, node: str) -> AdminRecord:
+        """Node switching for ``node`` on again (an operator, or its failure expired)."""
+        return self.model_copy(
+            update={
+                "disabled_nodes": tuple(n for n in self.disabled_nodes if n != node),
+                "failed_nodes": {n: t for n, t in self.failed_nodes.items() if n != node},
+            }
+        )
 
 
 class Assignment(_Record):
@@ -132,6 +151,15 @@ class Assignment(_Record):
     start_reason: StartReason | None = None
     halt_reason: HaltReason | None = None
     since: float = 0.0  # wall-clock time this placement was first decided
+
+
+class MemberRecord(_Record):
+    """``members/NODE``: a node that has joined the cluster at least once (no lease: it
+    stays while the node is down, so ``vigil status`` shows it ``down``). Removed only
+    by ``vigil node remove NODE``."""
+
+    name: str
+    joined_at: float = Field(default_factory=time.time)  # its last join (display only)
 
 
 class NodeAdmin(_Record):

@@ -32,7 +32,14 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from vigil.config import ClusterSpec, PackageSpec, check_name
 from vigil.errors import StoreCorrupt, one_line
 from vigil.keys import Keys
-from vigil.model import AdminRecord, Assignment, NodeAdmin, NodeRecord, PackageStatus
+from vigil.model import (
+    AdminRecord,
+    Assignment,
+    MemberRecord,
+    NodeAdmin,
+    NodeRecord,
+    PackageStatus,
+)
 from vigil.store import Get, KeyValue, Store
 
 M = TypeVar("M", bound=BaseModel)
@@ -154,6 +161,7 @@ class Snapshot:
     controller: str | None = None
     controller_revision: int = 0  # create_revision of the leader key: the controller's token
     flags: dict[str, frozenset[str]] = field(default_factory=dict)  # node -> its flags
+    members: dict[str, MemberRecord] = field(default_factory=dict)  # nodes that joined once
     # Records that could not be read, each "store key KEY: what is wrong" (left out or
     # read cautiously, see the module docstring); False if any configuration record is
     # among them: nothing may be decided from a configuration partly missing.
@@ -191,6 +199,7 @@ async def read_snapshot(store: Store, keys: Keys) -> Snapshot:
             Get(keys.node_admins, prefix=True),
             Get(keys.controller),
             Get(keys.flags, prefix=True),
+            Get(keys.members, prefix=True),
         ],
     )
     (
@@ -203,6 +212,7 @@ async def read_snapshot(store: Store, keys: Keys) -> Snapshot:
         nodeadmin_kvs,
         controller_kvs,
         flag_kvs,
+        member_kvs,
     ) = (r if isinstance(r, list) else [] for r in res.responses)
     problems: list[str] = []
     cluster = None
@@ -224,6 +234,11 @@ async def read_snapshot(store: Store, keys: Keys) -> Snapshot:
         rec = decode_or_skip(NodeRecord, kv, problems)
         # present means up (the key lives as long as the node's lease), readable or not
         nodes[keys.leaf(kv.key)] = rec or NodeRecord(name=keys.leaf(kv.key), pid=0, started_at=0)
+    members: dict[str, MemberRecord] = {}
+    for kv in member_kvs:
+        member = decode_or_skip(MemberRecord, kv, problems)
+        if member is not None:
+            members[keys.leaf(kv.key)] = member
     owners: dict[str, str] = {}
     owner_revs: dict[str, int] = {}
     for kv in owner_kvs:
@@ -259,6 +274,7 @@ async def read_snapshot(store: Store, keys: Keys) -> Snapshot:
     return Snapshot(
         revision=res.revision,
         flags={n: frozenset(f) for n, f in flags.items()},
+        members=members,
         assignments=assignments,
         node_admin=node_admin,
         controller=controller,

@@ -6,9 +6,14 @@ This is the shape of ``vigil status --json`` (CONCEPTS §9)::
      "nodes": {NAME: {"state": "up"|"down"|"halted", "pid": INT|null,
                       "containment": "cgroup"|"process-group"|null}},
      "packages": {NAME: {"state": ..., "node": NAME|null, "auto_run": bool,
-                         "halt_reason": ..., "degraded": bool, ...,
+                         "halt_reason": ..., "degraded": bool, "stale": bool, ...,
                          "services": {NAME: {"pid": INT|null, "restarts": INT}}}},
      "problems": ["store key KEY: what is wrong", ...]}   # records left out
+
+A node is listed while it is up, listed in cluster.toml's ``nodes``, or remembered as
+a member (it joined once; ``vigil node remove`` forgets it): a member that is not up
+is ``down``. A package is ``stale`` while it runs (or starts, halts, ...) with an
+older definition than the applied one: ``vigil package restart`` applies it.
 """
 
 from __future__ import annotations
@@ -49,13 +54,16 @@ def package_state(snap: Snapshot, pkg: str) -> tuple[PackageState, str | None, s
     return st.state, node, st.message
 
 
-def cluster_view(snap: Snapshot) -> dict[str, Any]:
-    known = set(snap.nodes)
+def known_nodes(snap: Snapshot) -> set[str]:
+    """Up nodes, cluster.toml's ``nodes`` and the remembered members."""
+    known = set(snap.nodes) | set(snap.members)
     if snap.cluster and snap.cluster.nodes:
         known |= set(snap.cluster.nodes)
-    for st in snap.status.values():
-        if st.node:
-            known.add(st.node)
+    return known
+
+
+def cluster_view(snap: Snapshot) -> dict[str, Any]:
+    known = known_nodes(snap)
     nodes: dict[str, Any] = {}
     for name in sorted(known):
         rec = snap.nodes.get(name)
@@ -86,6 +94,9 @@ def cluster_view(snap: Snapshot) -> dict[str, Any]:
             "degraded": st.degraded if live else False,
             "maintenance": admin.maintenance,
             "disabled_nodes": list(admin.disabled_nodes),
+            "failed_nodes": sorted(admin.failed_nodes),
+            "stale": bool(live and spec and st.definition and st.definition != spec.digest()),
+            "restart_generation": st.restart_generation,
             "configured": spec is not None,
             "message": message,
             "since": st.since,

@@ -29,6 +29,7 @@ class Verb(enum.StrEnum):
     DETACH = "detach"  # node halted with --detach: keep running, stop watching
     ATTACH = "attach"  # node started again: watch again
     WAIT = "wait"  # would start here, but an `up` dependency is not met yet
+    RESTART = "restart"  # `vigil package restart`: halt and start again here
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ class LocalPackage:
     state: PackageState
     maintenance: bool
     cleared_generation: int
+    restart_generation: int = 0  # the operator restarts carried out (AdminRecord's)
 
 
 def start_reason(status: PackageStatus, node: str) -> StartReason:
@@ -74,7 +76,13 @@ def _decide_held(
         return Decision(
             pkg, Verb.HALT, "removed from the configuration", halt_reason=HaltReason.USER_HALT
         )
+    target = snapshot.assignments.get(pkg)
+    # An operator's halt (package or node) waits for the controller's plan: it halts
+    # the package's dependents first (halt_wait) and then points it away from here.
+    planned_away = target is None or target.node != node
     if admin.halt_requested:
+        if not planned_away:
+            return None
         return Decision(pkg, Verb.HALT, "halt requested", halt_reason=HaltReason.USER_HALT)
     node_admin = snapshot.node_admin.get(node)
     if local.state is PackageState.DETACHED:
@@ -84,9 +92,10 @@ def _decide_held(
     if local.state is PackageState.RUNNING and node_admin is not None and node_admin.halted:
         if node_admin.mode == "detach":
             return Decision(pkg, Verb.DETACH, f"node {node} halted with --detach")
+        if not planned_away:
+            return None
         return Decision(pkg, Verb.HALT, f"node {node} halted by an operator",
                         halt_reason=HaltReason.USER_HALT)  # fmt: skip
-    target = snapshot.assignments.get(pkg)
     if local.state is PackageState.RUNNING and target is not None and target.node != node:
         return Decision(
             pkg,
@@ -98,6 +107,9 @@ def _decide_held(
         return Decision(pkg, Verb.MAINTENANCE_ON, "maintenance requested")
     if not admin.maintenance and local.maintenance:
         return Decision(pkg, Verb.MAINTENANCE_OFF, "maintenance ended")
+    if local.state is PackageState.RUNNING and admin.restart_generation > local.restart_generation:
+        return Decision(pkg, Verb.RESTART, "restart requested by an operator",
+                        start_reason=StartReason.RESTART, halt_reason=HaltReason.USER_HALT)  # fmt: skip
     return None
 
 
@@ -144,20 +156,33 @@ class AfterFailure:
 
 
 def after_start_failure(
-    spec: PackageSpec, admin: AdminRecord, snapshot: Snapshot, node: str, failover: bool
+    spec: PackageSpec,
+    admin: AdminRecord,
+    snapshot: Snapshot,
+    node: str,
+    failover: bool,
+    wall: float,
 ) -> AfterFailure:
     """Where a package goes after it failed on ``node`` (CONCEPTS §3 exit-code table).
 
     ``failover=False`` (start exit 1, timeout): global switching off, ``failed``.
     ``failover=True`` (start exit 2, service budget spent, monitor): node switching for
     ``node`` off (ping-pong protection), then ``halted`` for another node to take it,
-    or ``failed`` if no other node is eligible.
+    or ``failed`` if no other node is eligible. The node is recorded in
+    ``failed_nodes`` with ``wall`` (the failure's wall-clock time, for display), so
+    that ``failure_timeout`` turns its switching on again; not when an operator had
+    turned it off already (that stays off until an operator turns it on).
     """
     if not failover:
         new = admin.model_copy(update={"auto_run": False, "start_node": None})
         return AfterFailure(PackageState.FAILED, new, "global switching turned off")
     disabled = tuple(sorted({*admin.disabled_nodes, node}))
-    new = admin.model_copy(update={"disabled_nodes": disabled, "start_node": None})
+    failed = dict(admin.failed_nodes)
+    if node not in admin.disabled_nodes or node in failed:
+        failed[node] = wall
+    new = admin.model_copy(
+        update={"disabled_nodes": disabled, "failed_nodes": failed, "start_node": None}
+    )
     cluster_off = snapshot.cluster is not None and snapshot.cluster.failover == "off"
     others = [] if cluster_off else eligible_nodes(spec, new, snapshot, exclude=node)
     if others and new.auto_run:

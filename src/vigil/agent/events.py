@@ -4,8 +4,10 @@ Every package state change is recorded in the same transaction as the status it
 leads to (``op`` returns the ``Put`` to add to it), so ``vigil events`` never shows a
 change the store does not hold. Times are this node's wall clock in nanoseconds,
 strictly increasing per node; the node part of the key keeps two nodes' events
-apart. Every ``TRIM_EVERY`` events written, the log is cut back to its newest
-``KEPT`` entries (whichever node wrote them).
+apart. Wall clocks of two nodes may differ, so the log's order is the store's: by
+revision (``in_store_order``), never by the times in the keys. Every ``TRIM_EVERY``
+events written, the log is cut back to its newest ``KEPT`` entries (whichever node
+wrote them).
 """
 
 from __future__ import annotations
@@ -18,13 +20,19 @@ from vigil.errors import StoreError
 from vigil.keys import Keys
 from vigil.model import Event, PackageState, PackageStatus
 from vigil.snapshot import encode
-from vigil.store import Delete, Put, Store
+from vigil.store import Delete, KeyValue, Put, Store
 
 log = logging.getLogger("vigil.agent")
 
 KEPT = 2000
 TRIM_EVERY = 200
 TXN_OPS = 100  # deletes per transaction: etcd allows 128 operations by default
+
+
+def in_store_order(kvs: list[KeyValue]) -> list[KeyValue]:
+    """Events oldest first as the store recorded them: by revision (events written in
+    one transaction share it; their keys keep one node's events in order)."""
+    return sorted(kvs, key=lambda kv: (kv.mod_revision, kv.key))
 
 
 class EventLog:
@@ -59,6 +67,7 @@ class EventLog:
         effort: a store error leaves the rest for the next trim)."""
         try:
             kvs, _ = await self.store.range(self.keys.events)
+            kvs = in_store_order(kvs)
             old = kvs[: max(0, len(kvs) - KEPT)]
             for i in range(0, len(old), TXN_OPS):
                 await self.store.txn([], [Delete(kv.key) for kv in old[i : i + TXN_OPS]], [])

@@ -51,6 +51,7 @@ from vigil.errors import Compacted, StoreError, UsageError
 from vigil.keys import Keys
 from vigil.model import (
     HaltReason,
+    MemberRecord,
     MonitorStatus,
     NodeRecord,
     PackageState,
@@ -68,8 +69,10 @@ log = logging.getLogger("vigil.agent")
 
 RECONCILE_PACE_MAX = 0.2
 RESYNC_EVERY = 1.0  # reconcile at least this often (a fraction of node_timeout)
-# At most this many package operations (start, halt, ...) run at once: a burst of
-# hundreds must not starve the loop that renews the lease.
+# At most this many package starts run at once, and at most this many other package
+# operations (halts, failure handling, restarts in place, ...): a burst of hundreds
+# must not starve the loop that renews the lease. Halts and failure handling have
+# slots of their own, so they never queue behind slow starts.
 MAX_CONCURRENT_OPS = 16
 STATUS_FLUSH_INTERVAL = 0.05
 # TEST-ONLY: a deliberately broken build for the fault lab (lab/, docs/reliability.md),
@@ -97,6 +100,8 @@ class Held:
     message: str = ""
     maintenance: bool = False
     cleared_generation: int = 0
+    restart_generation: int = 0
+    definition: str = ""  # spec.digest() of the definition this run started with
     degraded: bool = False
     since: float = field(default_factory=time.time)
     monitors: dict[str, MonitorStatus] = field(default_factory=dict)
@@ -107,7 +112,9 @@ class Held:
     deferred: Coroutine[Any, Any, None] | None = None
 
     def local(self) -> LocalPackage:
-        return LocalPackage(self.state, self.maintenance, self.cleared_generation)
+        return LocalPackage(
+            self.state, self.maintenance, self.cleared_generation, self.restart_generation
+        )
 
 
 _LEAVE_ALONE = {Verb.MAINTENANCE_ON: PackageState.MAINTENANCE, Verb.DETACH: PackageState.DETACHED}
@@ -155,7 +162,8 @@ class Agent:
         self._problems: set[str] = set()  # unreadable store records logged already
         self._claiming: set[str] = set()  # packages whose START is between decision and claim
         self._claim_tasks: dict[str, asyncio.Task[None]] = {}
-        self._ops = asyncio.Semaphore(MAX_CONCURRENT_OPS)
+        self._start_slots = asyncio.Semaphore(MAX_CONCURRENT_OPS)
+        self._other_slots = asyncio.Semaphore(MAX_CONCURRENT_OPS)  # never behind starts
         self.controller = Controller(
             store, self.keys, node, cluster.node_timeout, replan=self._trigger.set
         )
@@ -248,6 +256,7 @@ class Agent:
         ttl = self.cluster.node_timeout
         mode = self.containment.mode.value if self.containment is not None else "process-group"
         record = encode(NodeRecord(name=self.node, pid=os.getpid(), containment=mode))
+        member = Put(self.keys.member(self.node), encode(MemberRecord(name=self.node)))
         deadline = time.monotonic() + 2 * ttl + 1
         granted = time.monotonic()
         self.lease = await self.store.lease_grant(ttl)
@@ -255,7 +264,7 @@ class Agent:
         while True:
             key = self.keys.node(self.node)
             res = await self.store.txn(
-                [Compare.absent(key)], [Put(key, record, lease=self.lease)], []
+                [Compare.absent(key)], [Put(key, record, lease=self.lease), member], []
             )
             if res.succeeded:
                 break
@@ -522,6 +531,9 @@ class Agent:
                     await self._trigger.wait()
             except TimeoutError:
                 resync = True
+            # a trigger set just as the timeout ran out (a controller timer, say) is a
+            # reason to reconcile, whether or not the store changed
+            resync = resync and not self._trigger.is_set()
             self._trigger.clear()
             if resync and await self._store_unchanged():
                 continue
@@ -584,7 +596,7 @@ class Agent:
             if d.verb is Verb.START:
                 self._claiming.add(d.package)
             log.info("package %s: %s (%s)", d.package, d.verb.value, d.reason)
-            task = self._launch(d.package, self._carry_out(d, snap))
+            task = self._launch(d.package, self._carry_out(d, snap), start=d.verb is Verb.START)
             if d.verb is Verb.START:
                 self._claim_tasks[d.package] = task
 
@@ -616,8 +628,11 @@ class Agent:
     def _pgids_of(self, h: Held) -> set[int]:
         return {s.supervisor.pid for s in h.runner.services if s.supervisor.pid is not None}
 
-    def _launch(self, pkg: str, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
-        task = asyncio.create_task(self._guard(pkg, coro), name=f"pkg-{pkg}")
+    def _launch(
+        self, pkg: str, coro: Coroutine[Any, Any, None], *, start: bool = False
+    ) -> asyncio.Task[None]:
+        slots = self._start_slots if start else self._other_slots
+        task = asyncio.create_task(self._guard(pkg, coro, slots), name=f"pkg-{pkg}")
         # a task cancelled before it started never awaits ``coro``: close it then
         task.add_done_callback(lambda _t: coro.close())
         held = self.held.get(pkg)
@@ -625,9 +640,11 @@ class Agent:
             held.busy = task
         return task
 
-    async def _guard(self, pkg: str, coro: Coroutine[Any, Any, None]) -> None:
+    async def _guard(
+        self, pkg: str, coro: Coroutine[Any, Any, None], slots: asyncio.Semaphore
+    ) -> None:
         try:
-            async with self._ops:
+            async with slots:
                 await coro
         except asyncio.CancelledError:
             raise
@@ -660,6 +677,8 @@ class Agent:
             await self._leave_alone(d.package, _LEAVE_ALONE[d.verb], d.reason)
         elif d.verb in (Verb.MAINTENANCE_OFF, Verb.ATTACH):
             await self._leave_alone(d.package, None, d.reason)
+        elif d.verb is Verb.RESTART:
+            await self._operator_restart(d.package, d.reason, snap)
 
     async def _leave_alone(self, pkg: str, state: PackageState | None, why: str) -> None:
         """Maintenance and detach (``state``) stop monitoring and failure handling;
@@ -690,6 +709,18 @@ class Agent:
             previous_node=prev,
         )
 
+    def _runner(self, spec: PackageSpec, reason: StartReason, prev: str | None) -> PackageRunner:
+        """A runner for one start of ``spec``: built anew for every start (a restart in
+        place too), so that each start runs the applied definition and tells its
+        scripts and services its own start reason."""
+        pkg = spec.name
+        return PackageRunner(
+            self._context(spec, reason, prev),
+            on_change=lambda: self._mark_dirty(pkg),
+            on_service_failed=lambda svc, why: self._on_service_failed(pkg, svc, why),
+            on_monitor=lambda name, v: self._on_monitor(pkg, name, v),
+        )
+
     async def _start(self, pkg: str, reason: StartReason, snap: Snapshot) -> None:
         try:
             await self._claim_and_start(pkg, reason, snap)
@@ -701,19 +732,17 @@ class Agent:
     async def _claim_and_start(self, pkg: str, reason: StartReason, snap: Snapshot) -> None:
         spec = snap.packages[pkg]
         old = snap.status_of(pkg)
-        ctx = self._context(spec, reason, old.node)
-        runner = PackageRunner(
-            ctx,
-            on_change=lambda: self._mark_dirty(pkg),
-            on_service_failed=lambda svc, why: self._on_service_failed(pkg, svc, why),
-            on_monitor=lambda name, v: self._on_monitor(pkg, name, v),
-        )
+        runner = self._runner(spec, reason, old.node)
+        admin = snap.admin_of(pkg)
+        definition = spec.digest()
         status = PackageStatus(
             state=PackageState.STARTING,
             node=self.node,
             start_reason=reason,
             previous_node=old.node,
             message=f"starting ({reason.value})",
+            definition=definition,
+            restart_generation=admin.restart_generation,
         )
         owner_key = self.keys.owner(pkg)
         res = await self.batcher.txn(
@@ -734,7 +763,9 @@ class Agent:
             state=PackageState.STARTING,
             start_reason=reason,
             previous_node=old.node,
-            cleared_generation=snap.admin_of(pkg).clear_generation,
+            cleared_generation=admin.clear_generation,
+            restart_generation=admin.restart_generation,
+            definition=definition,
             package_restarts=[],
         )
         held.busy = asyncio.current_task()
@@ -778,7 +809,7 @@ class Agent:
         snap = await read_snapshot(self.store, self.keys)
         held = self.held[pkg]
         admin = snap.admin_of(pkg)
-        after = after_start_failure(held.spec, admin, snap, self.node, failover)
+        after = after_start_failure(held.spec, admin, snap, self.node, failover, time.time())
         admin_key = self.keys.admin(pkg)
         admin_rev = snap.raw_revisions.get(admin_key, 0)
         extra: list[Op] = [Put(admin_key, encode(after.admin))]
@@ -788,7 +819,9 @@ class Agent:
         )
         if not ok:  # the admin record changed under us: decide again with fresh data
             snap = await read_snapshot(self.store, self.keys)
-            after = after_start_failure(held.spec, snap.admin_of(pkg), snap, self.node, failover)
+            after = after_start_failure(
+                held.spec, snap.admin_of(pkg), snap, self.node, failover, time.time()
+            )
             await self._release(
                 pkg,
                 after.state,
@@ -881,6 +914,8 @@ class Agent:
             message=held.message,
             since=held.since,
             restarts=len(held.package_restarts),
+            definition=held.definition,
+            restart_generation=held.restart_generation,
             services=held.runner.service_status(),
             monitors=held.runner.monitor_status(held.monitors),
         )
@@ -996,19 +1031,34 @@ class Agent:
             return
         await self._after_failure(pkg, True, why)
 
-    async def _restart_in_place(self, pkg: str, why: str) -> None:
+    async def _restart_in_place(
+        self, pkg: str, why: str, reason: HaltReason = HaltReason.FAILURE
+    ) -> None:
+        """Halt and start again on this node (start reason ``restart``), with the
+        definition applied now: the halt stops what the old one started."""
         held = self.held[pkg]
-        held.halt_reason = HaltReason.FAILURE
-        held.runner.ctx.halt_reason = HaltReason.FAILURE
+        held.halt_reason = reason
+        held.runner.ctx.halt_reason = reason
         await self._set_state(pkg, PackageState.HALTING, f"{why}; restarting in place")
         if not await held.runner.halt():
             await self._halt_failed(pkg, f"{why}; {held.runner.problem}")
             return
-        held.start_reason = StartReason.RESTART
-        held.runner.ctx.start_reason = StartReason.RESTART
-        await self._set_state(pkg, PackageState.STARTING, "restart in place")
         snap = await read_snapshot(self.store, self.keys)
+        spec = snap.packages.get(pkg)
+        if spec is None:  # removed from the configuration meanwhile: it stays halted
+            await self._release(pkg, PackageState.HALTED, "removed from the configuration")
+            return
+        held.spec = spec
+        held.definition = spec.digest()
+        held.start_reason = StartReason.RESTART
+        held.runner = self._runner(spec, StartReason.RESTART, held.previous_node)
+        await self._set_state(pkg, PackageState.STARTING, "restart in place")
         await self._run_start(pkg, held, snap)
+
+    async def _operator_restart(self, pkg: str, why: str, snap: Snapshot) -> None:
+        """``vigil package restart``: a restart in place asked for by an operator."""
+        self.held[pkg].restart_generation = snap.admin_of(pkg).restart_generation
+        await self._restart_in_place(pkg, why, HaltReason.USER_HALT)
 
     async def fence_node(self, why: str) -> None:
         """node_fail_fast / service fail_fast: run fence_command (through the spawner,

@@ -1,4 +1,8 @@
-"""``vigil events [--follow] [--json]``: every state change with time, node, package, from, to, reason."""
+"""``vigil events [--follow] [--json]``: every state change with time, node, package, from, to, reason.
+
+Events are shown in the order the store recorded them (their revision), not by their
+times: each time is the writing node's wall clock, and two nodes' clocks may differ.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import sys
 
 import click
 
+from vigil.agent.events import in_store_order
 from vigil.cli.context import CliContext
 from vigil.cli.params import NAME
 from vigil.cli.render import clock, console, styled
@@ -39,6 +44,7 @@ def events(obj: CliContext, follow: bool, pkg: str | None, last: int, as_json: b
 
     async def go(store: Store, keys: Keys) -> None:
         kvs, rev = await store.range(keys.events)
+        kvs = in_store_order(kvs)
         shown = [e for _, e in decode_all(Event, kvs) if pkg is None or e.package == pkg]
         for ev in shown[-last:] if last else []:
             _show(ev, as_json)

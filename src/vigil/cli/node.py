@@ -1,4 +1,5 @@
-"""``vigil node halt NODE [--failover|--detach]`` and ``vigil node start NODE``.
+"""``vigil node halt NODE [--failover|--detach]``, ``vigil node start NODE`` and
+``vigil node remove NODE``.
 
 - ``halt`` without a flag refuses while packages run on NODE (as Serviceguard's
   ``cmhaltnode`` without ``-f``): say what should happen to them.
@@ -7,6 +8,7 @@
 - ``--detach``: NODE's packages keep running but are no longer watched (no
   monitoring, no restart, no failover): state ``detached``; ``node start``
   watches them again.
+- ``remove``: forget a node that joined once and is down (refused while it is up).
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import click
 from vigil.cli.context import CliContext
 from vigil.cli.ops import POLL, require_node
 from vigil.cli.params import NAME, SECONDS
-from vigil.errors import Conflict, Timeout, UsageError
+from vigil.errors import Conflict, NotFound, Timeout, UsageError
+from vigil.flags import delete_ops, nofailover
 from vigil.keys import Keys
 from vigil.model import NodeAdmin
 from vigil.snapshot import encode, read_snapshot
@@ -102,6 +105,38 @@ def halt(
 
 @node.command()
 @click.argument("name", type=NAME)
+@click.pass_obj
+def remove(obj: CliContext, name: str) -> None:
+    """Forget NAME, a node that is down: it is no longer shown (nor its flags kept)."""
+
+    async def go(store: Store, keys: Keys) -> None:
+        snap = await read_snapshot(store, keys)
+        if name in snap.nodes:
+            raise UsageError(f"node {name} is up: stop its agent (vigild) before removing it")
+        if snap.cluster and snap.cluster.nodes and name in snap.cluster.nodes:
+            raise UsageError(
+                f"node {name} is listed in cluster.toml's nodes: remove it there and "
+                "run vigil apply"
+            )
+        if name not in snap.members:
+            known = ", ".join(sorted(snap.members)) or "none"
+            raise NotFound(f"unknown node {name!r} (nodes that joined: {known})")
+        # the node's own flags, and the !nofailover!NAME flags that only its return
+        # would have removed
+        flags = [(name, f) for f in snap.flags.get(name, ())]
+        flags += [(n, f) for n, fs in snap.flags.items() for f in fs if f == nofailover(name)]
+        ops: list[Op] = [Delete(keys.member(name)), Delete(keys.node_admin(name))]
+        ops += delete_ops(keys, flags)
+        res = await store.txn([Compare.absent(keys.node(name))], ops)
+        if not res.succeeded:
+            raise UsageError(f"node {name} joined meanwhile: stop its agent before removing it")
+
+    obj.run(go)
+    click.echo(f"node {name}: removed")
+
+
+@node.command()
+@click.argument("name")
 @click.pass_obj
 def start(obj: CliContext, name: str) -> None:
     """Let NAME take packages again (and watch its detached packages again)."""

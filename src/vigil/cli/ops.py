@@ -13,7 +13,7 @@ from vigil.keys import Keys
 from vigil.model import AdminRecord, PackageState, PackageStatus
 from vigil.snapshot import UNREADABLE, Snapshot, encode, read_snapshot
 from vigil.store import Compare, Delete, Op, Put, Store
-from vigil.view import package_state
+from vigil.view import known_nodes, package_state
 
 POLL = 0.05
 
@@ -34,10 +34,7 @@ def require_package(snap: Snapshot, pkg: str) -> None:
 
 
 def require_node(snap: Snapshot, node: str) -> None:
-    known = set(snap.nodes)
-    if snap.cluster and snap.cluster.nodes:
-        known |= set(snap.cluster.nodes)
-    known |= {s.node for s in snap.status.values() if s.node}
+    known = known_nodes(snap) | {s.node for s in snap.status.values() if s.node}
     if node not in known:
         raise NotFound(f"unknown node {node!r} (known: {', '.join(sorted(known)) or 'none'})")
 
@@ -50,8 +47,9 @@ class Change:
 
 async def change_admin(
     store: Store, keys: Keys, pkg: str, fn: Callable[[AdminRecord, Snapshot], Change]
-) -> Snapshot:
-    """Apply ``fn`` to the package's admin record with compare-and-swap; retry on races."""
+) -> int:
+    """Apply ``fn`` to the package's admin record with compare-and-swap; retry on races.
+    Returns the store revision of the write (what came after it is newer)."""
     for _ in range(20):
         snap = await read_snapshot(store, keys)
         require_package(snap, pkg)
@@ -63,8 +61,13 @@ async def change_admin(
             compares, ops = _reset(keys, pkg, snap, compares, ops)
         res = await store.txn(compares, ops)
         if res.succeeded:
-            return snap
+            return res.revision
     raise Conflict(f"package {pkg}: the store kept changing; try again")
+
+
+def newer(snap: Snapshot, keys: Keys, pkg: str, revision: int) -> bool:
+    """Whether the package's status was written after store revision ``revision``."""
+    return snap.raw_revisions.get(keys.status(pkg), 0) > revision
 
 
 def _reset(
@@ -107,19 +110,19 @@ async def wait_for(
     want: set[PackageState],
     fail: set[PackageState],
     timeout: float,
-    since: float,
+    since: int,
 ) -> PackageState:
-    """Poll until the package reaches a state in ``want``; a ``fail`` state newer than
-    ``since`` ends the wait with an error naming it."""
+    """Poll until the package reaches a state in ``want``; a ``fail`` state written after
+    store revision ``since`` ends the wait with an error naming it (store order, not
+    clocks: the status may come from another host)."""
     deadline = time.monotonic() + timeout
     state = PackageState.HALTED
     while True:
         snap = await read_snapshot(store, keys)
         state, node, message = package_state(snap, pkg)
-        st = snap.status_of(pkg)
         if state in want:
             return state
-        if state in fail and st.since >= since:
+        if state in fail and newer(snap, keys, pkg, since):
             where = f" on {node}" if node else ""
             raise VigilError(f"package {pkg} is {state.value}{where}: {message}")
         if time.monotonic() > deadline:

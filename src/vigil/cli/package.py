@@ -1,4 +1,4 @@
-"""``vigil package start|halt|enable|disable|maintenance|clear|env PKG``.
+"""``vigil package start|halt|restart|enable|disable|maintenance|clear|env PKG``.
 
 Commands write the operator's intent into the package's admin record; the node
 agents carry it out. ``--wait`` blocks until it is done, bounded by ``--timeout``.
@@ -11,6 +11,8 @@ agents carry it out. ``--wait`` blocks until it is done, bounded by ``--timeout`
   switching for that node. ``disable`` does not halt a running package.
 - ``maintenance PKG [--off]``: leave the package alone (no monitoring, no restart,
   no failover) / resume.
+- ``restart``: halt and start it again on its node (a restart in place) with the
+  applied definition, start reason ``restart``.
 - ``clear``: an operator vouches that a failed / halt_failed package left nothing
   running; it becomes halted and may start again.
 """
@@ -30,6 +32,7 @@ from vigil.cli.ops import (
     POLL,
     Change,
     change_admin,
+    newer,
     refuse_own_package,
     require_node,
     wait_for,
@@ -73,7 +76,6 @@ def _act(
     check: Callable[[Snapshot], None] | None = None,
 ) -> None:
     refuse_own_package(pkg)
-    since = time.time()
 
     async def go(store: Store, keys: Keys) -> PackageState | None:
         def fn_checked(admin: AdminRecord, snap: Snapshot) -> Change:
@@ -81,7 +83,7 @@ def _act(
                 check(snap)
             return fn(admin, snap)
 
-        await change_admin(store, keys, pkg, fn_checked)
+        since = await change_admin(store, keys, pkg, fn_checked)
         if not wait:
             return None
         state, _, _ = package_state(await read_snapshot(store, keys), pkg)
@@ -113,6 +115,7 @@ def start(obj: CliContext, pkg: str, node: str | None, wait: bool, timeout: floa
                     "auto_run": True,
                     "halt_requested": False,
                     "disabled_nodes": disabled,
+                    "failed_nodes": {n: t for n, t in a.failed_nodes.items() if n in disabled},
                     "clear_generation": a.clear_generation + 1,
                     "start_node": node,
                 }
@@ -135,7 +138,6 @@ def start(obj: CliContext, pkg: str, node: str | None, wait: bool, timeout: floa
 def move(obj: CliContext, pkg: str, node: str, wait: bool, timeout: float) -> None:
     """Move PKG to NODE: halted where it runs (user_halt), started on NODE."""
     refuse_own_package(pkg)
-    since = time.time()
 
     def fn(a: AdminRecord, snap: Snapshot) -> Change:
         require_node(snap, node)
@@ -150,14 +152,14 @@ def move(obj: CliContext, pkg: str, node: str, wait: bool, timeout: float) -> No
             a.model_copy(update={"auto_run": True, "halt_requested": False, "start_node": node})
         )
 
-    async def wait_moved(store: Store, keys: Keys) -> str:
+    async def wait_moved(store: Store, keys: Keys, since: int) -> str:
         deadline = time.monotonic() + timeout
         while True:
             snap = await read_snapshot(store, keys)
             state, where, message = package_state(snap, pkg)
             if state is S.RUNNING and where == node:
                 return node
-            if state in FAILED and snap.status_of(pkg).since >= since:
+            if state in FAILED and newer(snap, keys, pkg, since):
                 raise VigilError(f"package {pkg} is {state.value}: {message}")
             if time.monotonic() > deadline:
                 raise Timeout(
@@ -167,11 +169,11 @@ def move(obj: CliContext, pkg: str, node: str, wait: bool, timeout: float) -> No
             await asyncio.sleep(POLL)
 
     async def go(store: Store, keys: Keys) -> str | None:
-        await change_admin(store, keys, pkg, fn)
+        since = await change_admin(store, keys, pkg, fn)
         if not wait:
             return None
         async with waiting(store, keys, pkg, obj.node):
-            return await wait_moved(store, keys)
+            return await wait_moved(store, keys, since)
 
     done = obj.run(go)
     click.echo(f"package {pkg}: {'moved to' if done else 'move requested to'} {node}")
@@ -205,11 +207,7 @@ def enable(obj: CliContext, pkg: str, node: str | None, wait: bool, timeout: flo
     def fn(a: AdminRecord, snap: Snapshot) -> Change:
         if node is not None:
             require_node(snap, node)
-            return Change(
-                a.model_copy(
-                    update={"disabled_nodes": tuple(n for n in a.disabled_nodes if n != node)}
-                )
-            )
+            return Change(a.switching_on(node))
         return Change(a.model_copy(update={"auto_run": True, "halt_requested": False}))
 
     _act(obj, pkg, fn, "enable", wait, timeout, {S.RUNNING}, FAILED)
@@ -230,9 +228,10 @@ def disable(obj: CliContext, pkg: str, node: str | None, wait: bool, timeout: fl
     def fn(a: AdminRecord, snap: Snapshot) -> Change:
         if node is not None:
             require_node(snap, node)
-            return Change(
-                a.model_copy(update={"disabled_nodes": tuple(sorted({*a.disabled_nodes, node}))})
-            )
+            # an operator's choice: it does not expire (failure_timeout) like a failure's
+            failed = {n: t for n, t in a.failed_nodes.items() if n != node}
+            disabled = tuple(sorted({*a.disabled_nodes, node}))
+            return Change(a.model_copy(update={"disabled_nodes": disabled, "failed_nodes": failed}))
         return Change(a.model_copy(update={"auto_run": False}))
 
     _act(obj, pkg, fn, "disable", wait, timeout, STABLE, set())
@@ -268,6 +267,54 @@ def clear(obj: CliContext, pkg: str, wait: bool, timeout: float) -> None:
 
     want = {S.HALTED, S.RUNNING, S.STARTING}
     _act(obj, pkg, fn, "clear", wait, timeout, want, set())
+
+
+@package.command()
+@click.argument("pkg")
+@_wait_options
+@click.pass_obj
+def restart(obj: CliContext, pkg: str, wait: bool, timeout: float) -> None:
+    """Restart PKG in place: halt and start it on its node, with the applied definition.
+
+    Its stop entry points get VIGIL_HALT_REASON=user_halt, its start VIGIL_START_REASON=
+    restart; dependents keep running (as for a monitor's restart). Refused unless it runs."""
+    refuse_own_package(pkg)
+    wanted = 0
+
+    def fn(a: AdminRecord, snap: Snapshot) -> Change:
+        nonlocal wanted
+        state, node, _ = package_state(snap, pkg)
+        if state is not S.RUNNING:
+            where = f" on {node}" if node else ""
+            raise UsageError(f"package {pkg} is {state.value}{where}, not running: "
+                             "nothing to restart (vigil package start starts it)")  # fmt: skip
+        wanted = a.restart_generation + 1
+        return Change(a.model_copy(update={"restart_generation": wanted}))
+
+    async def wait_restarted(store: Store, keys: Keys, since: int) -> PackageState:
+        deadline = time.monotonic() + timeout
+        while True:
+            snap = await read_snapshot(store, keys)
+            state, where, message = package_state(snap, pkg)
+            done = snap.status_of(pkg).restart_generation >= wanted
+            if state is S.RUNNING and done:
+                return state
+            if state in FAILED | {S.HALTED} and newer(snap, keys, pkg, since):
+                raise VigilError(f"package {pkg} is {state.value}: {message}")
+            if time.monotonic() > deadline:
+                raise Timeout(f"package {pkg} was not restarted within {timeout:g}s "
+                              f"(now {state.value} on {where or '-'}: {message})")  # fmt: skip
+            await asyncio.sleep(POLL)
+
+    async def go(store: Store, keys: Keys) -> PackageState | None:
+        since = await change_admin(store, keys, pkg, fn)
+        if not wait:
+            return None
+        async with waiting(store, keys, pkg, obj.node):
+            return await wait_restarted(store, keys, since)
+
+    state = obj.run(go)
+    click.echo(f"package {pkg}: restart {'done (running)' if state else 'requested'}")
 
 
 @package.command("env")

@@ -67,6 +67,8 @@ def render(view: dict[str, Any], verbose: bool) -> None:
     prow = []
     for name, p in view["packages"].items():
         state = styled(p["state"]) + (" [yellow](degraded)[/yellow]" if p["degraded"] else "")
+        if p.get("stale"):
+            state += " [yellow](stale)[/yellow]"
         switching = "enabled" if p["auto_run"] else "disabled"
         if p["disabled_nodes"]:
             switching += f" (off on {','.join(p['disabled_nodes'])})"
@@ -80,6 +82,12 @@ def render(view: dict[str, Any], verbose: bool) -> None:
     if verbose:
         cols += ["SINCE", "MESSAGE"]
     console.print(table(None, cols, prow) if prow else "no packages")
+    for name, p in view["packages"].items():
+        if p.get("stale"):
+            console.print(
+                f"{name}: stale: it runs an older definition; the applied one changed since "
+                f"it started and takes effect at its next start (vigil package restart {name})"
+            )
     if verbose:
         for name, p in view["packages"].items():
             srows = [

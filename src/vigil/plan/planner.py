@@ -15,6 +15,8 @@ Rules (CONCEPTS §3-4), in the order they are applied:
    - it is in maintenance: then it is left alone, whatever else happens;
    - its node was halted by an operator (``node halt``, not ``--detach``) →
      moved to the next eligible node (``failover``), or halted if there is none;
+   - a more important package needs it on another node (``up``,
+     ``different_node``; see 4) → moved to another eligible node;
    - an ``up`` dependency is no longer met → halted (``automatic_halt``);
    - a ``down`` dependency excludes it and the other package is more
      important → halted (``automatic_halt``);
@@ -23,11 +25,15 @@ Rules (CONCEPTS §3-4), in the order they are applied:
    - ``failback_policy = "automatic"``, global switching and cluster failover
      are on, and a more preferred node is eligible → moved back (``failback``);
      with ``min_package_node``, only to a node running fewer packages than its
-     own (Serviceguard's rule; otherwise failback would undo the balancing).
-   A package that the planner halts or moves first waits (``halt_wait``) until
-   the held packages that depend on it (``up``; ``same_node`` ones on its node,
-   the others anywhere) have halted: halts go in reverse dependency order, for at
-   most ``successor_halt_timeout`` (counted from the start of the wait).
+     own (Serviceguard's rule; otherwise failback would undo the balancing),
+     counted where this plan leaves the packages; never onto a node flagged
+     ``!nofailover!`` for the node it runs on or came from. A package that would
+     fail back once the dependencies this plan starts run counts as leaving.
+   A package that the planner halts or moves (an operator's halt included) first
+   waits (``halt_wait``) until the held packages that depend on it (``up``;
+   ``same_node`` ones on its node, the others anywhere) have halted: halts go in
+   reverse dependency order, for at most ``successor_halt_timeout`` (counted from
+   the start of the wait; the plan's ``wake_at`` says when it runs out).
 3. A package that is held by nobody is started when global switching is on, it
    is neither ``failed`` nor ``halt_failed`` (those wait for an operator; a
    ``halt_failed`` ``node_fail_fast`` package is free again: its node fenced
@@ -51,6 +57,10 @@ Rules (CONCEPTS §3-4), in the order they are applied:
    more important one needs (and that runs or wants to) is not displaced, and
    without priorities nobody is. A package waiting to start (or to move) keeps its
    target node: packages it excludes do not start there meanwhile.
+   The same through ``up`` + ``different_node``: a package that cannot start only
+   because such a dependency sits on the node it could use, and that outranks it
+   (and everything else that needs it), has it moved to another node; the
+   dependency then avoids the nodes where more important such dependents run.
 """
 
 from __future__ import annotations
@@ -103,8 +113,13 @@ class Action:
 
 @dataclass(frozen=True)
 class Plan:
+    """``wake_at``: the earliest ``now`` (the caller's clock) at which this plan would
+    change by time alone (a ``successor_halt_timeout`` running out), None if never: the
+    controller plans again then, whether or not anything else happens."""
+
     assignments: dict[str, Assignment]
     actions: list[Action] = field(default_factory=list)
+    wake_at: float | None = None
 
 
 def _known_nodes(snap: Snapshot) -> list[str]:
@@ -186,7 +201,13 @@ def start_reason_for(snap: Snapshot, pkg: str, node: str) -> StartReason:
 
 
 class _Planner:
-    def __init__(self, snap: Snapshot, now: float) -> None:
+    def __init__(
+        self,
+        snap: Snapshot,
+        now: float,
+        expected: dict[str, str] | None = None,
+        no_push: frozenset[str] = frozenset(),
+    ) -> None:
         self.snap = snap
         self.now = now
         self.packages = snap.packages
@@ -208,6 +229,22 @@ class _Planner:
                 self.dependents.setdefault(d, []).append(q)
         self._effective: dict[str, int] = {}
         self.must_halt: dict[str, str] = {}  # package -> why it must halt (decided earlier)
+        # package -> nodes it must leave or not go to, and why: a more important
+        # package needs it up on a *different* node (priority through different_node)
+        self.avoid: dict[str, dict[str, str]] = {}
+        self._avoid_from: dict[str, list[tuple[str, str]]] = {}  # running a -> its entries
+        self.released: set[str] = set()  # running packages that turned out not to stay
+        for a, node in self.running.items():
+            if a in no_push:
+                continue
+            for dep in self.packages[a].dependency:
+                if self._pushes(a, dep):
+                    why = f"more important package {a} needs it on another node than {node}"
+                    self.avoid.setdefault(dep.package, {})[node] = why
+                    self._avoid_from.setdefault(a, []).append((dep.package, node))
+        # where a first plan left every package (min_package_node failback), or None
+        self._expected = expected
+        self._expected_load = Counter(expected.values()) if expected else Counter()
         self.reset()
 
     def reset(self) -> None:
@@ -220,6 +257,13 @@ class _Planner:
         self.leaving: set[str] = set()  # held, waiting to halt or move: no new dependents
         self.reserved: dict[str, str] = {}  # waits for room there: no new exclusions
         self.late = False  # a package planned already was told to halt: plan again
+        self.wake_at: float | None = None  # see Plan.wake_at
+        # min_package_node failbacks weighed in this pass: pkg -> (owner, nodes, kept)
+        self._balanced: dict[str, tuple[str, list[str], list[str]]] = {}
+
+    def _wake(self, at: float) -> None:
+        if self.wake_at is None or at < self.wake_at:
+            self.wake_at = at
 
     # -------------------------------------------------------------- helpers
 
@@ -349,10 +393,13 @@ class _Planner:
         and the packages it excludes (``down``) gone from the node for real: released,
         not only planned away, nor waiting for room there. ``ignore``: excluded packages
         about to make room. ``soon``: where it could start once its ``up`` dependencies
-        placed in this plan run."""
+        placed in this plan run, or waiting to start on a node they reserved (so that
+        a chain of dependencies reserves its nodes a plan ahead)."""
         other = dep.package
         where = self.placed.get(other)
         if dep.condition == "up":
+            if where is None and soon:
+                where = self.reserved.get(other)
             if where is None or (starting and other in self.leaving):
                 return False
             if starting and not soon and self.running.get(other) != where:
@@ -477,11 +524,9 @@ class _Planner:
         state = st.state if st.node == owner else PackageState.STARTING
         blocked = state in (PackageState.FAILED, PackageState.HALT_FAILED)
         if admin.halt_requested and not blocked:
-            # the agent halts it at once (CONCEPTS: an operator's halt is not undone)
-            self._unplace(pkg)
-            why = "halt requested by an operator"
-            self._set(pkg, None, why, halt_reason=HaltReason.USER_HALT)
-            self.actions.append(Action(Verb.HALT, pkg, owner, owner, why))
+            # an operator's halt is not undone; its dependents halt first (halt_wait)
+            self._stop(pkg, owner, "halt requested by an operator",
+                       halt_reason=HaltReason.USER_HALT)  # fmt: skip
             return
         if admin.maintenance and state in (PackageState.RUNNING, PackageState.MAINTENANCE):
             self._set(pkg, owner, f"in maintenance on {owner}")  # left alone
@@ -513,6 +558,8 @@ class _Planner:
                     continue  # the other one gives way (handled when it is planned)
                 self._stop(pkg, owner, self._dep_text(dep))
                 return
+        if owner in self.avoid.get(pkg, {}) and self._move_away(pkg, spec, admin, owner):
+            return
         target, why, start_reason, displace = self._wanted_move(pkg, spec, admin, owner)
         if target is None:
             self._set(pkg, owner, f"running on {owner}{why}")
@@ -540,30 +587,19 @@ class _Planner:
     def _leave_halted_node(
         self, pkg: str, spec: PackageSpec, admin: AdminRecord, owner: str
     ) -> None:
-        """``node halt`` (failover mode): the agent halts everything there at once
-        (``user_halt``); the plan says where each package goes next."""
+        """``node halt`` (failover mode): every package there halts (``user_halt``),
+        its dependents first; the plan says where each package goes next."""
         why = f"node {owner} halted by an operator"
         cands: list[str] = []
         if admin.auto_run:
             eligible = self._eligible_nodes(spec, admin)
             if admin.start_node is not None:
                 eligible = [n for n in eligible if n == admin.start_node]
+            eligible, _ = self._without_nofailover(pkg, eligible, moving=True)
             cands, _ = self._candidates(pkg, eligible)
-        if not cands:
-            self._unplace(pkg)
-            self._set(pkg, None, why, halt_reason=HaltReason.USER_HALT)
-            self.actions.append(Action(Verb.HALT, pkg, owner, owner, why))
-            return
-        target = self._pick(spec, cands)
-        self._place(pkg, target)
-        self._set(
-            pkg,
-            target,
-            why,
-            start_reason=StartReason.FAILOVER,
-            halt_reason=HaltReason.USER_HALT,
-        )
-        self.actions.append(Action(Verb.MOVE, pkg, target, owner, why))
+        target = self._pick(spec, cands) if cands else None
+        self._stop(pkg, owner, why, target=target, start_reason=StartReason.FAILOVER,
+                   halt_reason=HaltReason.USER_HALT)  # fmt: skip
 
     def _wanted_move(
         self, pkg: str, spec: PackageSpec, admin: AdminRecord, owner: str
@@ -589,16 +625,29 @@ class _Planner:
         rank = self._rank(spec)
         if owner not in rank:
             return None, "", None, []
-        better = [n for n in self._eligible_nodes(spec, admin) if rank[n] < rank[owner]]
+        avoid = self.avoid.get(pkg, {})
+        better = [
+            n for n in self._eligible_nodes(spec, admin) if rank[n] < rank[owner] and n not in avoid
+        ]
+        better, _ = self._without_nofailover(pkg, better, moving=True)  # a failback moves too
         if spec.failover_policy == "min_package_node":
             # Serviceguard: "failback cannot occur until the primary node is running
-            # fewer packages than the current node" (else it undoes the balancing)
-            better = [n for n in better if self.load[n] < self.load[owner]]
+            # fewer packages than the current node" (else it undoes the balancing),
+            # counted where the plan leaves them (see _fewer_packages)
+            kept = self._fewer_packages(pkg, owner, better, self._expected)
+            self._balanced[pkg] = (owner, better, kept)
+            better = kept
         if not better:
             return None, "", None, []
         cands, _ = self._candidates(pkg, better)
         if cands:
             return cands[0], f"failback to preferred node {cands[0]}", StartReason.FAILBACK, []
+        soon, _ = self._candidates(pkg, better, soon=True)
+        if soon:
+            # it fails back as soon as the dependencies this plan starts run: nothing
+            # new starts next to it meanwhile (it would only have to halt again)
+            self.leaving.add(pkg)
+            return None, f"; fails back to {soon[0]} once its dependencies run", None, []
         weaker = self._weaker_exclusions(pkg)
         if weaker:
             cands, _ = self._candidates(pkg, better, ignore=weaker)
@@ -612,6 +661,56 @@ class _Planner:
                     self._blockers_at(pkg, target, weaker),
                 )
         return None, "", None, []
+
+    def _fewer_packages(
+        self, pkg: str, owner: str, nodes: list[str], placed: dict[str, str] | None
+    ) -> list[str]:
+        """The ``nodes`` running fewer packages than ``owner`` does with ``pkg``. With
+        ``placed`` (where a first plan left every package), the other packages are
+        counted there, not where they run now: a package started next to ``pkg`` in
+        this plan, or halted, would otherwise make it fail back in the next plan (and
+        what started with it halt again). ``pkg`` and the packages that follow it
+        (``same_node``) count on neither node. None: as far as this pass got."""
+        if placed is None:
+            load = self.load  # counts pkg on owner (held: placed there)
+            return [n for n in nodes if load[n] < load[owner]]
+        load = Counter(self._expected_load)
+        where = placed.get(pkg)
+        for q in (pkg, *self._followers(pkg)):  # they go where pkg goes
+            if where is not None and placed.get(q) == where:
+                load[where] -= 1
+        return [n for n in nodes if load[n] <= load[owner]]
+
+    def balance_changed(self) -> bool:
+        """After planning without ``expected``: would a ``min_package_node`` failback
+        be decided otherwise with the packages where this plan leaves them?"""
+        if self._expected is not None or not self._balanced:
+            return False
+        placed = dict(self.placed)
+        self._expected_load = Counter(placed.values())
+        try:
+            return any(
+                self._fewer_packages(pkg, owner, nodes, placed) != kept
+                for pkg, (owner, nodes, kept) in self._balanced.items()
+            )
+        finally:
+            self._expected_load = Counter()
+
+    def _followers(self, pkg: str) -> set[str]:
+        """The packages that run where ``pkg`` runs (``up``, ``same_node``, transitively)."""
+        out: set[str] = set()
+        todo = [pkg]
+        while todo:
+            p = todo.pop()
+            for q in self.dependents.get(p, ()):
+                same = any(
+                    d.package == p and d.condition == "up" and d.location == "same_node"
+                    for d in self.packages[q].dependency
+                )
+                if same and q not in out and q != pkg:
+                    out.add(q)
+                    todo.append(q)
+        return out
 
     def _stop(
         self,
@@ -634,6 +733,8 @@ class _Planner:
             since = self._keep_since(pkg, owner, head, prefix=True)
             limit = self.packages[pkg].successor_halt_timeout
             if limit is None or self.now - since < limit:
+                if limit is not None:
+                    self._wake(since + limit)  # the timeout has a timer of its own
                 self.leaving.add(pkg)
                 if target is not None:
                     self.reserved[pkg] = target
@@ -691,6 +792,10 @@ class _Planner:
                 pkg, None, "no eligible node (its nodes are down, halted or switched off)" + note
             )
             return
+        avoid = self.avoid.get(pkg, {})
+        elsewhere = [n for n in eligible if n not in avoid]
+        if avoid and self._candidates(pkg, elsewhere)[0]:
+            eligible = elsewhere  # a more important package needs it elsewhere
         cands, why = self._candidates(pkg, eligible)
         if cands and spec.failover_policy == "configured_node":
             target, blockers = self._claim_preferred(pkg, spec, eligible, cands[0])
@@ -701,7 +806,10 @@ class _Planner:
                 return
         if not cands:
             self._make_room(pkg, spec, eligible)
+            pushed = self._push_away(pkg, spec, eligible)
             reason = f"start_wait: {why}"
+            if pushed:
+                reason += f"; {pushed} moves away to make room"
             self._set(pkg, None, reason)
             self.actions.append(Action(Verb.WAIT, pkg, None, None, reason))
             return
@@ -714,17 +822,28 @@ class _Planner:
         self._set(pkg, node, f"{reason.value} on {node}{note}", start_reason=reason)
         self.actions.append(Action(Verb.START, pkg, node, st.node, reason.value + note))
 
-    def _without_nofailover(self, pkg: str, eligible: list[str]) -> tuple[list[str], str]:
+    def _without_nofailover(
+        self, pkg: str, eligible: list[str], *, moving: bool = False
+    ) -> tuple[list[str], str]:
         """``eligible`` without the nodes flagged ``!nofailover!N``, N being the node the
-        package last ran on; and a note naming the skipped nodes ("" if none)."""
-        last = self.snap.status_of(pkg).node
-        if last is None or not self.snap.flags:
+        package last ran on; and a note naming the skipped nodes ("" if none). A running
+        package that ``moving`` (failback, node halt) also keeps off the nodes flagged
+        for the node it came from (``previous_node``): it failed over from there, and
+        it would otherwise move onto them right after starting (a churn)."""
+        st = self.snap.status_of(pkg)
+        origins = [n for n in (st.node, st.previous_node if moving else None) if n is not None]
+        if not origins or not self.snap.flags:
             return eligible, ""
-        flag = NOFAILOVER + last
-        skipped = [n for n in eligible if n != last and self.snap.has_flag(n, flag)]
+        flags = {NOFAILOVER + n for n in origins}
+        skipped = [
+            n for n in eligible if n not in origins and any(self.snap.has_flag(n, f) for f in flags)
+        ]
         if not skipped:
             return eligible, ""
-        note = f" (skipped {', '.join(skipped)}: flag {flag})"
+        names = ", ".join(
+            sorted(f for f in flags if any(self.snap.has_flag(n, f) for n in skipped))
+        )
+        note = f" (skipped {', '.join(skipped)}: flag {names})"
         return [n for n in eligible if n not in skipped], note
 
     def _claim_preferred(
@@ -755,6 +874,77 @@ class _Planner:
             return cands[0], blockers
         return None, []
 
+    def _pushes(self, a: str, dep: DependencySpec) -> bool:
+        """Whether ``a`` may push its ``up``, ``different_node`` dependency off a node
+        (CONCEPTS §4: when packages compete for a node, through exclusions or
+        ``different_node``, the more important one wins): ``a`` outranks the dependency
+        and every other package that needs it (a move halts them too)."""
+        d = dep.package
+        if dep.condition != "up" or dep.location != "different_node" or d not in self.packages:
+            return False
+        mine = priority(self.packages[a])
+        if mine >= priority(self.packages[d]):
+            return False
+        return all(
+            mine < self._effective_priority(q)
+            for q in self.dependents.get(d, ())
+            if q != a and (q in self.held_by or self._wants_to_run(q))
+        )
+
+    def keep_avoid(self, a: str, owner: str) -> None:
+        """After planning the held ``a``: if it does not stay where it runs, the nodes it
+        kept its ``different_node`` dependencies off must be free for them again:
+        ``plan`` plans again from scratch without them (no decision they caused stays)."""
+        entries = self._avoid_from.get(a)
+        if not entries or (self.assign[a].node == owner and a not in self.leaving):
+            return
+        self.released.add(a)
+
+    def _push_away(self, pkg: str, spec: PackageSpec, eligible: list[str]) -> str | None:
+        """``pkg`` cannot start anywhere: if only its ``up``, ``different_node``
+        dependency D keeps it off a node (D runs there, or this plan just placed it
+        there, or moves there) and ``pkg`` may push D (``_pushes``), D is told to avoid
+        that node: it moves to (or stays on) another one, and ``pkg`` starts there once
+        D runs elsewhere. Returns D's name, or None."""
+        if self._candidates(pkg, eligible, soon=True)[0]:
+            return None  # it starts once its dependencies run: nothing to push
+        for dep in spec.dependency:
+            d = dep.package
+            if not self._pushes(pkg, dep):
+                continue
+            where = self.placed.get(d)
+            held = self.held_by.get(d)
+            if where is None or where not in eligible or where in self.avoid.get(d, {}):
+                continue
+            if held is not None and d not in self.running:
+                continue  # starting or halting: wait and see where it ends up
+            others_allow = all(
+                self._dep_allows(o, where, starting=True, soon=True)
+                for o in spec.dependency
+                if o is not dep and o.package in self.packages
+            )
+            if not others_allow:
+                continue
+            self.avoid.setdefault(d, {})[where] = f"making room for more important package {pkg}"
+            if d in self.planned:
+                self.late = True
+            return d
+        return None
+
+    def _move_away(self, pkg: str, spec: PackageSpec, admin: AdminRecord, owner: str) -> bool:
+        """``pkg`` runs on a node a more important package needs it off (``avoid``):
+        move it to another eligible node, its dependents halting first. False if there
+        is none (it stays)."""
+        avoid = self.avoid[pkg]
+        others = [n for n in self._eligible_nodes(spec, admin) if n not in avoid]
+        others, _ = self._without_nofailover(pkg, others, moving=True)
+        cands, _ = self._candidates(pkg, others)
+        if not cands:
+            return False
+        self._stop(pkg, owner, avoid[owner], target=self._pick(spec, cands),
+                   start_reason=StartReason.FAILOVER)  # fmt: skip
+        return True
+
     def _make_room(self, pkg: str, spec: PackageSpec, eligible: list[str]) -> None:
         """A package that cannot start yet reserves the node it would start on once its
         ``up`` dependencies placed in this plan run, and the less important packages it
@@ -776,8 +966,20 @@ class _Planner:
 
 def plan(snap: Snapshot, now: float) -> Plan:
     """Where every configured package should run, and what changes, with reasons."""
-    p = _Planner(snap, now)
     order = planning_order(snap.packages)
+    no_push: frozenset[str] = frozenset()
+    p = _passes(_Planner(snap, now), order)
+    while p.released - no_push:  # see _Planner.keep_avoid
+        no_push |= p.released
+        p = _passes(_Planner(snap, now, no_push=no_push), order)
+    if p.balance_changed():
+        # min_package_node failback counts packages where the plan leaves them: plan
+        # again knowing where that is (see _Planner._fewer_packages)
+        p = _passes(_Planner(snap, now, dict(p.placed), no_push), order)
+    return Plan(assignments=p.assign, actions=p.actions, wake_at=p.wake_at)
+
+
+def _passes(p: _Planner, order: list[str]) -> _Planner:
     # Decisions made late (a more important package making room, a moving dependency)
     # can reach packages planned earlier: plan again with what was learnt, until
     # nothing new is learnt (a few passes at most; usually one).
@@ -787,9 +989,10 @@ def plan(snap: Snapshot, now: float) -> Plan:
             owner = p.held_by.get(pkg)
             if owner is not None:
                 p.held(pkg, owner)
+                p.keep_avoid(pkg, owner)
             else:
                 p.free(pkg)
             p.planned.add(pkg)
         if not p.late:
             break
-    return Plan(assignments=p.assign, actions=p.actions)
+    return p

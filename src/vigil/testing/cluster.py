@@ -133,10 +133,13 @@ class LocalCluster:
         extra_cluster: str = "",
         store: str | None = None,
         isolate: bool = False,
+        list_nodes: bool = True,
     ) -> None:
         """``store``: the store URL (default: ``sqlite:///ROOT/store.db``); with a shared
         store (etcd) give every cluster its own ``name``. ``isolate``: one PID namespace
-        per node (see the module docstring); needs ``unshare`` and the right to use it."""
+        per node (see the module docstring); needs ``unshare`` and the right to use it.
+        ``list_nodes=False``: cluster.toml without a ``nodes`` list (as a new user
+        writes it)."""
         self.root = root
         self.nodes = nodes or ["node1"]
         self.name = name
@@ -151,9 +154,10 @@ class LocalCluster:
         self.db = root / "store.db"
         self.store_url = store or f"sqlite:///{self.db}"
         node_list = ", ".join(f'"{n}"' for n in self.nodes)
+        listed = f"nodes = [{node_list}]\n" if list_nodes else ""
         (self.config / "cluster.toml").write_text(
             f'name = "{name}"\nstore = "{self.store_url}"\nnode_timeout = "{node_timeout}"\n'
-            f'nodes = [{node_list}]\nstate_dir = "{root}/state"\n{extra_cluster}'
+            f'{listed}state_dir = "{root}/state"\n{extra_cluster}'
         )
         self.agents: dict[str, subprocess.Popen[bytes]] = {}
         # Each cluster's package cgroups in their own subtree, so that clusters of
