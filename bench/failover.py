@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import http.client
+import os
 import random
 import shutil
 import socket
@@ -60,6 +61,8 @@ import benchlib
 NAME = "failover"
 NODES = ["n1", "n2", "n3"]
 PKG = "web"
+VIP = "10.77.0.100"  # layout A: web's relocatable address on the lab's hosts
+HOSTS_PORT = 8000
 
 
 def free_port() -> int:
@@ -239,6 +242,88 @@ def summarize(cluster: Any, view: dict[str, Any], names: list[str]) -> str:
     )
 
 
+# --------------------------------------------------------------------------- layout A
+
+
+def hosts_layout(args: argparse.Namespace, work: Path, partial: dict[str, Any]) -> None:
+    """Layout A (``bench/colocated.py``): etcd members on the agents' hosts, the host
+    that dies carries one; ``args.trials`` of each fault in ``args.faults``, interleaved.
+    What is done so far is in ``partial``."""
+    from colocated import FAULTS, Colocated, enter_netns, enter_netns_fd
+    from lab.net import Network
+    from vigil.testing.witness import overlaps
+
+    faults = args.faults.split(",")
+    root = Path(__file__).resolve().parent.parent
+    log = work / "hosts-witness.log"
+    ctl = work / "hosts-ctl"
+    ctl.mkdir()
+    for fault in faults:
+        partial[fault] = {"samples": []}
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    try:
+        with Network(hosts=4) as net:
+            enter_netns(net.hosts[3].netns)  # this process is the client host h4
+            lay = None
+            try:
+                lay = Colocated(
+                    net,
+                    net.hosts[:3],
+                    work / "hosts",
+                    vip=VIP,
+                    port=HOSTS_PORT,
+                    service=[
+                        sys.executable,
+                        "-m",
+                        "lab.service",
+                        str(log),
+                        "web",
+                        str(HOSTS_PORT),
+                        str(ctl),
+                    ],  # fmt: skip
+                    env={"PYTHONPATH": str(root)},
+                    node_timeout=args.node_timeout,
+                )
+                lay.start()
+                for i in range(args.trials):
+                    for fault in random.sample(faults, len(faults)):
+                        s = lay.trial(fault)
+                        partial[fault]["samples"].append(s | {"trial": i})
+                        print(
+                            f"  trial {i + 1:3d}/{args.trials} {fault:12} {s['from']} -> "
+                            f"{s['to']}{' (controller)' if s['controller'] else ''}"
+                            f" [{s['asking_victim']} asking it]: "
+                            f"{s['ms']:7.1f} ms ("
+                            + (f"etcd leader {s['elected_ms']}, " if s["elected_ms"] else "")
+                            + f"lease gone {s['gone_ms']}, assigned "
+                            f"{s['assigned_ms']}, claimed {s['claimed_ms']}, running "
+                            f"{s['running_ms']})",
+                            flush=True,
+                        )
+            finally:
+                with benchlib.signals_ignored():
+                    if lay is not None:
+                        lay.close()
+                    enter_netns_fd(home)
+    finally:
+        os.close(home)
+    found = overlaps(log)
+    for fault in faults:
+        samples = partial[fault]["samples"]
+        partial[fault] |= {
+            "what": FAULTS[fault],
+            "answer_ms": benchlib.summary([s["ms"] for s in samples]),
+            **{
+                key: benchlib.summary([s[key] for s in samples if s.get(key) is not None])
+                for key in ("elected_ms", "gone_ms", "assigned_ms", "claimed_ms", "running_ms")
+            },
+            "overlaps": len(found),
+        }
+    if found:
+        a, b = found[0]
+        print(f"  OVERLAP: {a} and {b}", file=sys.stderr)
+
+
 # --------------------------------------------------------------------------- the run
 
 
@@ -300,6 +385,29 @@ def print_table(results: dict[str, Any], ttl: float) -> None:
     cols = ("p50", "p95", "p99", "max", "mean", "min")
     target_loss = (ttl + 1) * 1000
     target_mass = ttl + 3
+    hosts = {k: v for k, v in results.get("etcd_on_hosts", {}).items() if k != "error"}
+    if hosts:
+        print("\netcd on the agents' hosts (layout A): host fails -> web answers elsewhere (ms)")
+        print(f"{'':30}" + "".join(f"{c:>8}" for c in cols) + f"{'n':>4}")
+        for fault, r in hosts.items():
+            if "answer_ms" not in r:
+                continue
+            for label, key in (
+                ("answering", "answer_ms"),
+                ("  etcd leader elected", "elected_ms"),
+                ("  lease gone", "gone_ms"),
+                ("  assigned elsewhere", "assigned_ms"),
+                ("  claimed", "claimed_ms"),
+                ("  running", "running_ms"),
+            ):
+                s = r[key]
+                if not s["count"]:
+                    continue
+                name = f"{fault}: {label}" if key == "answer_ms" else label
+                print(f"{name:30}" + "".join(f"{s[c]:>8.0f}" for c in cols) + f"{s['count']:>4}")
+            p99 = r["answer_ms"]["p99"]
+            verdict = "ok" if p99 <= target_loss else "MISSED"
+            print(f"  target p99 <= {target_loss:.0f} ms: {verdict}; overlaps: {r['overlaps']}")
     for kind, r in results["stores"].items():
         loss = r.get("node_loss")
         if loss:
@@ -337,12 +445,27 @@ def run(args: argparse.Namespace) -> int:
         "node_timeout_s": ttl,
         "trials": args.trials,
         "mass": args.mass,
+        "layouts": args.layouts,
+        "faults": args.faults.split(",") if "hosts" in args.layouts else [],
         "targets": {"node_loss_p99_ms": (ttl + 1) * 1000, "mass_all_s": ttl + 3},
         "stores": {},
     }
     failed = False
     try:
-        for kind in args.stores.split(","):
+        if "hosts" in args.layouts:
+            print(
+                f"etcd on the agents' hosts (layout A): {args.trials} trials of each of "
+                f"{args.faults}, node_timeout {args.node_timeout}",
+                flush=True,
+            )
+            results["etcd_on_hosts"] = {}
+            try:
+                hosts_layout(args, work, results["etcd_on_hosts"])
+            except (RuntimeError, AssertionError, OSError) as exc:
+                print(f"layout A: FAILED: {str(exc)[:1500]}", file=sys.stderr)
+                results["etcd_on_hosts"]["error"] = str(exc)[:2000]
+                failed = True
+        for kind in args.stores.split(",") if "pidns" in args.layouts else []:
             url = None
             if kind == "etcd":
                 try:
@@ -384,7 +507,14 @@ def run(args: argparse.Namespace) -> int:
     print(f"results: {path}")
     print(
         benchlib.json_line(
-            {k: v for k, v in results.items() if k != "stores"}
+            {k: v for k, v in results.items() if k not in ("stores", "etcd_on_hosts")}
+            | {
+                "etcd_on_hosts": {
+                    f: {x: r["answer_ms"][x] for x in ("p50", "p99", "max")}
+                    for f, r in results.get("etcd_on_hosts", {}).items()
+                    if isinstance(r, dict) and "answer_ms" in r
+                }
+            }
             | {
                 "stores": {
                     k: {
@@ -402,7 +532,11 @@ def run(args: argparse.Namespace) -> int:
             }
         )
     )
-    overlapped = any(r.get("node_loss", {}).get("overlaps") for r in results["stores"].values())
+    overlapped = any(
+        r.get("node_loss", {}).get("overlaps") for r in results["stores"].values()
+    ) or any(
+        isinstance(r, dict) and r.get("overlaps") for r in results.get("etcd_on_hosts", {}).values()
+    )
     return 1 if failed or overlapped else 0
 
 
@@ -412,13 +546,37 @@ def main() -> int:
     p.add_argument("--mass", type=int, default=200, help="packages for mass failover, 0 = skip")
     p.add_argument("--node-timeout", default="3s", help='cluster node_timeout ("3s")')
     p.add_argument("--stores", default="sqlite,etcd", help="sqlite,etcd (etcd if available)")
+    p.add_argument(
+        "--layouts",
+        default="pidns,hosts",
+        help="pidns (nodes as PID namespaces, etcd on this host) and/or hosts (layout A: "
+        "etcd members on the agents' hosts, network namespaces; needs root)",
+    )
+    p.add_argument(
+        "--faults",
+        default="first,leader,isolate",
+        help="layout A's faults, of first, leader, first-leader, isolate",
+    )
     p.add_argument("--port", type=int, default=0, help="the service's HTTP port (a free one)")
     p.add_argument("--output", type=Path, default=None, help=f"default results/{NAME}.json")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = p.parse_args()
     if args.trials < 0 or args.mass < 0:
         p.error("need --trials >= 0 and --mass >= 0")
+    layouts = args.layouts.split(",")
+    if not set(layouts) <= {"pidns", "hosts"}:
+        p.error(f"--layouts: expected pidns and/or hosts, got {args.layouts!r}")
+    if "hosts" in layouts and (os.geteuid() != 0 or shutil.which("ip") is None):
+        if args.layouts != p.get_default("layouts"):
+            p.error("--layouts hosts needs root and iproute2 (network namespaces)")
+        print("layout A (hosts): skipped, it needs root and iproute2", file=sys.stderr)
+        layouts.remove("hosts")
+    args.layouts = layouts
     benchlib.require_vigil()
+    from colocated import FAULTS
+
+    if "hosts" in layouts and not set(args.faults.split(",")) <= set(FAULTS):
+        p.error(f"--faults: expected some of {', '.join(FAULTS)}, got {args.faults!r}")
     return benchlib.run_main(run, args)
 
 

@@ -39,7 +39,7 @@ from typing import Any
 
 from vigil.errors import SpawnError
 
-__all__ = ["EtcdCluster", "etcd_version", "find_etcd"]
+__all__ = ["EtcdCluster", "etcd_version", "find_etcd", "member_healthy", "member_request"]
 
 _HEARTBEAT_MS = 100
 _ELECTION_MS = 600
@@ -68,6 +68,32 @@ def etcd_version(binary: str) -> str:
         if line.startswith("etcd Version:"):
             return line.split(":", 1)[1].strip()
     return ""
+
+
+def member_request(
+    endpoint: str, path: str, body: dict[str, Any] | None = None, timeout: float = 2.0
+) -> dict[str, Any] | None:
+    """POST ``body`` (JSON) to one member's JSON gateway, ``endpoint + path`` (e.g.
+    ``/v3/maintenance/status``): its reply, or None if it did not give one."""
+    request = urllib.request.Request(
+        endpoint + path, data=json.dumps(body or {}).encode(), method="POST"
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as reply:
+            data = json.loads(reply.read())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def member_healthy(endpoint: str, timeout: float = 2.0) -> bool:
+    """Whether the member at ``endpoint`` says it is healthy (``/health``)."""
+    try:
+        with urllib.request.urlopen(endpoint + "/health", timeout=timeout) as reply:
+            data = json.loads(reply.read())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("health") == "true"
 
 
 def _free_ports(count: int) -> list[int]:
@@ -215,12 +241,7 @@ class EtcdCluster:
             raise
 
     def healthy(self, i: int) -> bool:
-        try:
-            with urllib.request.urlopen(self.endpoint(i) + "/health", timeout=2) as reply:
-                data = json.loads(reply.read())
-        except (OSError, ValueError):
-            return False
-        return isinstance(data, dict) and data.get("health") == "true"
+        return member_healthy(self.endpoint(i))
 
     def leader(self) -> int | None:
         """The index of the leader that every running member agrees on, or None."""
@@ -240,15 +261,7 @@ class EtcdCluster:
         return ids.get(leaders.pop())
 
     def _status(self, i: int) -> dict[str, Any] | None:
-        request = urllib.request.Request(
-            self.endpoint(i) + "/v3/maintenance/status", data=b"{}", method="POST"
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=2) as reply:
-                data = json.loads(reply.read())
-        except (OSError, ValueError):
-            return None
-        return data if isinstance(data, dict) else None
+        return member_request(self.endpoint(i), "/v3/maintenance/status")
 
     def close(self) -> None:
         """Kill every member (idempotent)."""
