@@ -194,13 +194,20 @@ def member_status(endpoint: str, timeout: float = 2) -> dict[str, Any] | None:
 
 
 class Timeline:
-    """What the store shows during one trial, timed by this process: a watch on the
-    cluster's prefix in a thread of its own, through ``endpoints`` (the members a trial
-    does not touch), from :meth:`start` to :meth:`stop`; and, polled every 20 ms from
-    those members, when another etcd leader than the one at the start is elected."""
+    """What the store shows, timed by this process: a watch on the cluster's prefix in
+    a thread of its own, from :meth:`start` to :meth:`stop`, through a store from
+    ``url`` or, on etcd, through ``endpoints`` (the members a trial does not touch);
+    with ``endpoints``, also when another etcd leader than the one at the start is
+    elected (polled every 20 ms). Cheaper than reading whole snapshots: the events
+    arrive as they happen."""
 
-    def __init__(self, endpoints: list[str], cluster: str) -> None:
-        self.endpoints = endpoints
+    def __init__(
+        self, cluster: str, *, endpoints: list[str] | None = None, url: str | None = None
+    ) -> None:
+        if (endpoints is None) == (url is None):
+            raise ValueError("Timeline: give endpoints or url")
+        self.endpoints = endpoints or []
+        self.url = url
         self.prefix = f"/vigil/{cluster}/"
         self.events: list[tuple[int, str, str, bytes]] = []  # (t_ns, PUT|DELETE, key, value)
         self.elected: int | None = None  # t_ns a member first named another leader
@@ -214,10 +221,11 @@ class Timeline:
         self._error: BaseException | None = None
 
     def start(self, timeout: float = 10) -> None:
-        status = member_status(self.endpoints[0])
-        self._leader = str(status.get("leader")) if status else None
+        if self.endpoints:
+            status = member_status(self.endpoints[0])
+            self._leader = str(status.get("leader")) if status else None
+            self._poller.start()
         self._thread.start()
-        self._poller.start()
         if not self._ready.wait(timeout):
             raise RuntimeError(f"timeline: the watch did not start ({self._error!r})")
 
@@ -226,7 +234,8 @@ class Timeline:
         if self._loop is not None and self._task is not None:
             self._loop.call_soon_threadsafe(self._task.cancel)
         self._thread.join(10)
-        self._poller.join(10)
+        if self._poller.is_alive():
+            self._poller.join(10)
 
     def _poll(self) -> None:
         while not self._stopping.is_set() and self.elected is None:
@@ -245,11 +254,13 @@ class Timeline:
             self._error = exc
 
     async def _main(self) -> None:
+        from vigil.store import open_store
         from vigil.store.etcd import EtcdStore
 
         self._loop = asyncio.get_running_loop()
         self._task = asyncio.current_task()
-        async with EtcdStore(self.endpoints, timeout=2.0) as store:
+        store = open_store(self.url) if self.url else EtcdStore(self.endpoints, timeout=2.0)
+        try:
             _, rev = await store.range(self.prefix + "controller")
             self._ready.set()
             with contextlib.suppress(asyncio.CancelledError):
@@ -257,6 +268,24 @@ class Timeline:
                     self.events.append(
                         (time.monotonic_ns(), ev.type.name, ev.key[len(self.prefix) :], ev.value)
                     )
+        finally:
+            await store.close()
+
+    def running_since(self, t0: int, away_from: str) -> dict[str, float]:
+        """Per package, the seconds from ``t0`` until its status first said running on
+        another node than ``away_from`` (what ``vigil status`` shows)."""
+        out: dict[str, float] = {}
+        for t, kind, key, value in list(self.events):
+            if t < t0 or kind != "PUT" or not key.startswith("status/"):
+                continue
+            pkg = key.removeprefix("status/")
+            if pkg in out:
+                continue
+            with contextlib.suppress(ValueError, AttributeError):
+                data = json.loads(value)
+                if data.get("state") == "running" and data.get("node") not in (None, away_from):
+                    out[pkg] = (t - t0) / 1e9
+        return out
 
     def since(self, t0: int, victim: str, pkg: str) -> dict[str, float | None]:
         """The milestones of a failover of ``pkg`` away from ``victim``, in ms since ``t0``."""
@@ -542,7 +571,7 @@ class Colocated:
         was_controller = bool(view["nodes"][victim.name].get("controller"))
         asked = self.asked()
         others = [self.endpoint(h) for h in self.hosts if h is not victim]
-        timeline = Timeline(others, self.name)
+        timeline = Timeline(self.name, endpoints=others)
         timeline.start()
         time.sleep(random.uniform(0, self.ttl / 3))  # the fault's phase between renewals
         try:
