@@ -857,7 +857,7 @@ class EtcdStore:
                 except _BadData as exc:
                     raise StoreCorrupt(f"etcd {endpoint}{path}: {exc}") from None
                 if failures:
-                    self._members.prefer(index, failures[-1])
+                    self._members.prefer(index, failures[-1].split(": ", 1)[-1])
                 return result
             if not answered or time.monotonic() + delay > deadline:
                 raise StoreUnavailable(
@@ -1016,9 +1016,11 @@ class EtcdStore:
                 moved.set_result(None)
 
         stop_listening = self._members.listen(on_move)
-        on_move()
         created = False
         try:
+            on_move()
+            if moved.done():  # another member is asked first since the watch chose this one
+                raise _Moved
             # Until etcd confirms the watch, ``timeout`` bounds the wait; then watch_idle
             # bounds each wait for the next message (never the consumer's time: nothing
             # is timed while an event is handed out).
