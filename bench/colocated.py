@@ -424,7 +424,7 @@ class Colocated:
 
     def make_leader(self, want: Host | None, avoid: Host | None = None) -> Host:
         """Hand etcd leadership to ``want`` (or to anyone but ``avoid``); the leader."""
-        from vigil.testing.etcd import member_request
+        from vigil.testing.etcd import transfer_leadership
 
         deadline = time.monotonic() + 30
         while True:
@@ -435,14 +435,7 @@ class Colocated:
                 raise RuntimeError(f"etcd leadership: wanted {want}, not {avoid}; got {leader}")
             if leader is not None:
                 target = want or next(h for h in self.hosts if h is not avoid)
-                status = member_status(self.endpoint(target))
-                if status is not None:
-                    target_id = status.get("header", {}).get("member_id")
-                    member_request(
-                        self.endpoint(leader),
-                        "/v3/maintenance/transfer-leadership",
-                        {"targetID": target_id},
-                    )
+                transfer_leadership(self.endpoint(leader), self.endpoint(target))
             time.sleep(0.2)
 
     # -- life cycle ---------------------------------------------------------------

@@ -39,7 +39,14 @@ from typing import Any
 
 from vigil.errors import SpawnError
 
-__all__ = ["EtcdCluster", "etcd_version", "find_etcd", "member_healthy", "member_request"]
+__all__ = [
+    "EtcdCluster",
+    "etcd_version",
+    "find_etcd",
+    "member_healthy",
+    "member_request",
+    "transfer_leadership",
+]
 
 _HEARTBEAT_MS = 100
 _ELECTION_MS = 600
@@ -84,6 +91,17 @@ def member_request(
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
+
+
+def transfer_leadership(leader: str, target: str) -> bool:
+    """Ask the leader at ``leader`` to hand leadership to the member at ``target``
+    (etcd's MoveLeader); whether it accepted. The election takes a moment more."""
+    status = member_request(target, "/v3/maintenance/status")
+    member_id = (status or {}).get("header", {}).get("member_id")
+    if member_id is None:
+        return False
+    reply = member_request(leader, "/v3/maintenance/transfer-leadership", {"targetID": member_id})
+    return reply is not None and "error" not in reply
 
 
 def member_healthy(endpoint: str, timeout: float = 2.0) -> bool:
@@ -259,6 +277,17 @@ class EtcdCluster:
         if len(leaders) != 1:
             return None
         return ids.get(leaders.pop())
+
+    def transfer_leader(self, to: int, timeout: float = 15.0) -> None:
+        """Make member ``to`` the leader (etcd's MoveLeader: no member stops, no
+        client loses its connection); wait until every running member agrees."""
+        deadline = time.monotonic() + timeout
+        while (leader := self.leader()) != to:
+            if time.monotonic() > deadline:
+                raise SpawnError(f"etcd: member {self.names[to]} did not become the leader")
+            if leader is not None:
+                transfer_leadership(self.endpoint(leader), self.endpoint(to))
+            time.sleep(0.1)
 
     def _status(self, i: int) -> dict[str, Any] | None:
         return member_request(self.endpoint(i), "/v3/maintenance/status")
