@@ -505,14 +505,15 @@ class Colocated:
         return out
 
     def first(self) -> Host:
-        """The member the agents ask first: the one most of their connections go to
-        (the first endpoint of the store URL until it fails; then the one they moved
-        to); in URL order on a tie."""
-        total: dict[str, int] = {}
-        for counts in self.asked().values():
-            for name, n in counts.items():
-                total[name] = total.get(name, 0) + n
-        return max(self.hosts, key=lambda h: (total.get(h.name, 0), -self.hosts.index(h)))
+        """The member the agents ask first: the one the most agents of *other* hosts
+        have connections to (the first endpoint of the store URL until it fails; then
+        the one they moved to); in URL order on a tie."""
+        asked = self.asked()
+
+        def askers(h: Host) -> int:
+            return sum(1 for name, c in asked.items() if name != h.name and c.get(h.name))
+
+        return max(self.hosts, key=lambda h: (askers(h), -self.hosts.index(h)))
 
     def arrange(self, fault: str) -> Host:
         """Leadership and web placed for ``fault``; returns the host it will hit."""
