@@ -425,16 +425,24 @@ class _Members:
     and a watch on it moves to the member asked first now (see ``EtcdStore.watch``).
     """
 
+    LOG_EVERY = 1.0  # seconds: moves closer together (no member answers) are logged at debug
+
     def __init__(self, endpoints: list[str]) -> None:
         self.endpoints = endpoints
         self.current = 0
         self._listeners: list[Callable[[], None]] = []
+        self._logged = -math.inf
 
     def prefer(self, index: int, why: str, level: int = logging.WARNING) -> None:
         """Ask ``index`` first from now on, because of ``why`` (logged at ``level``)."""
         if index == self.current:
             return
         old, self.current = self.endpoints[self.current], index
+        now = time.monotonic()
+        if now - self._logged < self.LOG_EVERY:
+            level = logging.DEBUG
+        else:
+            self._logged = now
         log.log(
             level, "etcd: asking %s first from now on (%s: %s)", self.endpoints[index], old, why
         )
