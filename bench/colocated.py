@@ -21,19 +21,19 @@ probes the address and reads the store from there.
 
 A trial (:meth:`Colocated.trial`) of one *fault*:
 
-* ``first``: the host of the member the agents ask first, not the etcd leader
+* ``first``: the host of the first endpoint of the store URL, not the etcd leader
   (leadership is handed to another member first if needed), runs ``web`` and dies:
-  cut off, every process SIGKILLed (etcd member, agent, sentinel, service), link down.
-  The member asked first is the first endpoint of the store URL until that one fails,
-  then the one the agents moved to; :meth:`Colocated.first` finds it from the agents'
-  TCP connections (``ss``);
-* ``leader``: the etcd leader's host, not the member asked first, runs ``web`` and dies;
-* ``first-leader``: the host of the member asked first, also the etcd leader, dies;
-* ``isolate``: the host of the member asked first (not the leader) runs ``web`` and is
-  cut off (its switch port leaves the bridge); its processes live on, and its agent
-  must fence itself.
+  cut off, every process SIGKILLed (etcd member, agent, sentinel, service), link down;
+* ``leader``: the etcd leader's host, not the first endpoint, runs ``web`` and dies;
+* ``first-leader``: the first endpoint's host is also the etcd leader, and dies;
+* ``isolate``: the first endpoint's host (not the leader) runs ``web`` and is cut off
+  (its switch port leaves the bridge); its processes live on, and its agent must
+  fence itself.
 
-Before the fault: ``web`` is moved onto the victim (``vigil package move``), every
+Before the fault: ``web`` is moved onto the victim (``vigil package move``), the
+agents of the two other hosts are restarted (they hold no package) so that every one
+asks the first endpoint first, as after a start (an agent keeps asking the member that
+last worked; after earlier trials they would be spread over the members), every
 member is healthy, every node up, the address answers from the victim only; a
 random pause of 0..``node_timeout``/3 puts the fault anywhere between two lease
 renewals. ``t0`` = ``time.monotonic_ns()`` just before the victim's switch port is cut (then, for
@@ -78,10 +78,10 @@ if TYPE_CHECKING:  # vigil and lab are imported when used: benchlib.require_vigi
 CLIENT_PORT = 2379  # lab.cluster.CLIENT_PORT: each member's clients on HOST:2379
 
 FAULTS = {
-    "first": "the host of the member the agents ask first (not the etcd leader) dies",
-    "leader": "the etcd leader's host (not the member asked first) dies",
-    "first-leader": "the host of the member asked first, also the etcd leader, dies",
-    "isolate": "the host of the member the agents ask first (not the leader) is cut off",
+    "first": "the first endpoint's host (not the etcd leader), which every agent asks first, dies",
+    "leader": "the etcd leader's host (not the first endpoint) dies",
+    "first-leader": "the first endpoint's host, also the etcd leader, dies",
+    "isolate": "the first endpoint's host (not the etcd leader) is cut off",
 }
 PROBE_EVERY = 0.010
 CONNECT_TIMEOUT = 0.020
@@ -504,22 +504,21 @@ class Colocated:
             out[h.name] = counts
         return out
 
-    def first(self) -> Host:
-        """The member the agents ask first: the one the most agents of *other* hosts
-        have connections to (the first endpoint of the store URL until it fails; then
-        the one they moved to); in URL order on a tie."""
-        asked = self.asked()
-
-        def askers(h: Host) -> int:
-            return sum(1 for name, c in asked.items() if name != h.name and c.get(h.name))
-
-        return max(self.hosts, key=lambda h: (askers(h), -self.hosts.index(h)))
+    def fresh_agents(self, keep: Host) -> None:
+        """Restart every agent but ``keep``'s (SIGTERM: they hold no package and leave
+        at once), so that all of them ask the first endpoint of the store URL first, as
+        in a cluster whose etcd members never failed since its agents started."""
+        for h in self.hosts:
+            if h is not keep:
+                self.cluster.stop_agent(h.name)
+                self.cluster.start_agent(h.name)
+        self.cluster.wait_nodes_up(timeout=60)
 
     def arrange(self, fault: str) -> Host:
-        """Leadership and web placed for ``fault``; returns the host it will hit."""
+        """Leadership, web and the agents placed for ``fault``; the host it will hit."""
         poll("etcd healthy", lambda: all(self.healthy(h) for h in self.hosts), 60)
         self.cluster.wait_nodes_up(timeout=60)
-        first = self.first()
+        first = self.hosts[0]
         if fault in ("first", "isolate"):
             self.make_leader(None, avoid=first)
             victim = first
@@ -532,6 +531,7 @@ class Colocated:
         if self.where() != victim.name:
             self.cluster.vigil("package", "move", PKG, "-n", victim.name, "--wait",
                                "--timeout", "60", timeout=90)  # fmt: skip
+        self.fresh_agents(keep=victim)
         self.steady(victim)
         return victim
 
