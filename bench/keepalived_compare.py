@@ -27,9 +27,9 @@ host is the *client*: it runs the prober and the 3-member etcd the vigil setups 
   ``advert_int 0.83`` (master-down 3 x 0.83 + 156 x 0.83 / 256 = 2.996 s);
 * ``vigil-etcd-on-hosts``: vigil's defaults in the usual layout, *layout A*
   (``bench/colocated.py``): three hosts, each running an etcd member and ``vigild``,
-  the package on all three; each trial kills the host of the member the agents ask
-  first (not the etcd leader), which runs the package: the store loses a member
-  with the node;
+  the package on all three; each trial kills the host of the first endpoint of the
+  store URL (not the etcd leader), which runs the package and which every agent asks
+  first: the store loses that member with the node;
 * ``vigil-etcd-leader-on-host``: the same, the host killed is the etcd leader's: the
   store also elects a new leader, and etcd extends every lease by its election
   timeout when it does.

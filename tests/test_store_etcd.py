@@ -218,7 +218,7 @@ def test_stores_sharing_members_leave_a_frozen_member_together(
         others = [cluster.endpoint(i) for i in range(3) if i != victim]
         endpoints = [cluster.endpoint(victim), *others]
         store = EtcdStore(endpoints, timeout=5.0, watch_idle=5.0)
-        renewer = EtcdStore(endpoints, timeout=0.5, share_with=store)
+        renewer = EtcdStore(endpoints, timeout=1.0, share_with=store)
         writer = EtcdStore(others)
         try:
             lease = await writer.lease_grant(5)
@@ -230,8 +230,8 @@ def test_stores_sharing_members_leave_a_frozen_member_together(
             cluster.pause_member(victim)
             try:
                 start = time.monotonic()
-                assert await renewer.lease_keepalive(lease) == 5
-                assert time.monotonic() - start < 0.5
+                assert await renewer.lease_keepalive(lease) == 5  # hedged after 0.2 s
+                assert time.monotonic() - start < 1.0
                 assert store.endpoint != cluster.endpoint(victim)  # shared: moved too
                 second = await writer.put(f"{prefix}1", b"1")
                 assert keys_revs(await take(watch, 1, timeout=10)) == [
