@@ -24,7 +24,15 @@ host is the *client*: it runs the prober and the 3-member etcd the vigil setups 
 * ``vigil-4s``: the same with ``node_timeout = "4s"``, to match keepalived's 3.61 s
   detection: etcd leases are whole seconds, so 3.61 s would be a 4 s lease anyway;
 * ``keepalived-3s``: keepalived tuned to vigil's detection time: ``version 3``,
-  ``advert_int 0.83`` (master-down 3 x 0.83 + 156 x 0.83 / 256 = 2.996 s).
+  ``advert_int 0.83`` (master-down 3 x 0.83 + 156 x 0.83 / 256 = 2.996 s);
+* ``vigil-etcd-on-hosts``: vigil's defaults in the usual layout, *layout A*
+  (``bench/colocated.py``): three hosts, each running an etcd member and ``vigild``,
+  the package on all three; each trial kills the host of the first endpoint of the
+  store URL (not the etcd leader), which runs the package and which every agent asks
+  first: the store loses that member with the node;
+* ``vigil-etcd-leader-on-host``: the same, the host killed is the etcd leader's: the
+  store also elects a new leader, and etcd extends every lease by its election
+  timeout when it does.
 
 The HTTP server is the same tiny program everywhere (``python -S``, standard
 library socket only); it answers every request with its host's name.
@@ -38,7 +46,10 @@ keepalived adverts or two vigil lease renewals, every 1 s and 0.5 s); then X *di
 HTTP server) and X's switch port cut (:meth:`~lab.net.Network.isolate`), so that X's
 kernel no longer answers ARP or TCP for the IP either. The client then connects to
 IP:8080 every 10 ms (TCP connect timeout 20 ms) until an answer comes from the other
-host: **failover = that answer - t0**. The client's ARP entry for the IP still names
+host: **failover = that answer - t0**. (The layout-A setups run the same probe from the
+same client through ``colocated.Colocated.trial``, which cuts the victim's port
+first, then kills its processes, and moves the package onto the victim before each
+trial; see that module.) The client's ARP entry for the IP still names
 X's MAC: it learns the new one from the new holder's gratuitous ARP (keepalived's own,
 vigil's ``arping -U -c 3``, sent in the background), exactly as a client on the same
 LAN would. Then X "reboots": its leftover IP and neighbour cache are flushed, its port
@@ -49,10 +60,12 @@ host that runs the package and, in practice, the controller too (the worst case)
 
 Figures per setup: p50 / p95 / p99 / max / mean / min (nearest rank; with 20 trials,
 p99 is the maximum) and the ratios keepalived ÷ vigil of p50 and p99 for the pairs
-(keepalived, vigil), (keepalived, vigil-4s), (keepalived-3s, vigil). For vigil, the
-survivor's agent log also gives **planned** (the controller ordered the start) and
-**service** (the agent started the HTTP service, after the address), both since the
-kill; for keepalived, the client records the VRRP adverts it receives: **phase**
+(keepalived, vigil), (keepalived, vigil-4s), (keepalived-3s, vigil) and keepalived
+beside each layout-A setup. For vigil, the survivor's agent log also gives **planned**
+(the controller ordered the start) and **service** (the agent started the HTTP
+service, after the address), both since the kill (in layout A, the store's own
+timeline: lease gone, assigned, claimed, running; see ``bench/colocated.py``); for
+keepalived, the client records the VRRP adverts it receives: **phase**
 (kill - the master's last advert) and **takeover** (the backup's first advert - kill).
 The bench process itself moves into the client host's network namespace (``setns``)
 once the lab is up: the prober, the etcd members and the ``vigil`` commands all run
@@ -68,7 +81,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import os
 import random
 import shutil
@@ -78,23 +90,19 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import benchlib
+import colocated
+from colocated import enter_netns, enter_netns_fd, has_ip, poll
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))  # for ``lab`` (the scripts run as bench/NAME.py)
+ROOT = colocated.ROOT
 
 NAME = "keepalived_compare"
 PORT = 8080
-PROBE_EVERY = 0.010
-CONNECT_TIMEOUT = 0.020
 DEFAULT_PLOT = ROOT / "docs" / "img" / "failover-keepalived.png"
-CLONE_NEWNET = 0x40000000
 
 
 @dataclass(frozen=True)
@@ -104,6 +112,11 @@ class Setup:
     detection_s: float  # keepalived master-down interval or vigil node_timeout
     node_timeout: str = ""  # vigil
     keepalived_extra: str = ""  # lines in the vrrp_instance
+    fault: str = ""  # vigil with its etcd on its own 3 hosts (layout A): colocated.FAULTS
+
+    @property
+    def hosts(self) -> int:
+        return 3 if self.fault else 2
 
 
 SETUPS = {
@@ -118,6 +131,8 @@ SETUPS = {
             3 * 0.83 + 156 * 0.83 / 256,
             keepalived_extra="    version 3\n    advert_int 0.83\n",
         ),
+        Setup("vigil-etcd-on-hosts", "vigil", 3.0, node_timeout="3s", fault="first"),
+        Setup("vigil-etcd-leader-on-host", "vigil", 3.0, node_timeout="3s", fault="leader"),
     )
 }
 # (keepalived-like, vigil-like) pairs whose ratios are reported
@@ -125,6 +140,8 @@ PAIRS = [
     ("keepalived", "vigil"),
     ("keepalived", "vigil-4s"),
     ("keepalived-3s", "vigil"),
+    ("keepalived", "vigil-etcd-on-hosts"),
+    ("keepalived", "vigil-etcd-leader-on-host"),
 ]
 
 HTTPD = """\
@@ -191,60 +208,8 @@ vrrp_instance VI_{vrid} {{
 # --------------------------------------------------------------------------- plumbing
 
 
-def enter_netns(name: str) -> None:
-    """Move this thread (the main one: the whole bench) into network namespace
-    ``name``; the processes it starts from now on are there too."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    fd = os.open(f"/run/netns/{name}", os.O_RDONLY)
-    try:
-        if libc.setns(fd, CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"setns({name}): {os.strerror(err)}")
-    finally:
-        os.close(fd)
-
-
-def enter_netns_fd(fd: int) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.setns(fd, CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"setns back: {os.strerror(err)}")
-
-
 def http_get(ip: str, port: int = PORT) -> str | None:
-    """The body of GET / on IP:PORT, or None (20 ms to connect, then 1 s to answer)."""
-    try:
-        with socket.create_connection((ip, port), timeout=CONNECT_TIMEOUT) as s:
-            s.settimeout(1.0)
-            s.sendall(b"GET / HTTP/1.0\r\nHost: bench\r\n\r\n")
-            data = b""
-            while chunk := s.recv(4096):
-                data += chunk
-    except OSError:
-        return None
-    head, _, body = data.partition(b"\r\n\r\n")
-    if not head.startswith(b"HTTP/1.0 200"):
-        return None
-    return body.decode(errors="replace").strip()
-
-
-def poll(what: str, pred: Callable[[], bool], timeout: float, every: float = 0.05) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(every)
-
-
-def has_ip(host: Any, vip: str) -> bool:
-    out = subprocess.run(
-        ["ip", "-n", host.netns, "-o", "-4", "addr", "show", "dev", "eth0"],
-        capture_output=True,
-        text=True,
-        timeout=10,
-        check=False,
-    ).stdout
-    return f" {vip}/" in out
+    return colocated.http_get(ip, port)
 
 
 class VrrpListener:
@@ -299,7 +264,8 @@ class Pair:
     vip: str
     work: Path
     active: Any = None  # the host that answers now
-    cluster: Any = None  # vigil: the LabCluster
+    cluster: Any = None  # vigil: the LocalCluster on the pair's hosts
+    layout: Any = None  # vigil with etcd on its hosts: the colocated.Colocated (3 hosts)
     samples: list[float] = field(default_factory=list)
     trials: list[dict[str, Any]] = field(default_factory=list)
 
@@ -347,41 +313,31 @@ def start_keepalived(pair: Pair, host: Any) -> None:
 
 
 def lab_cluster(pair: Pair, store: str) -> Any:
-    from lab.net import Host
-    from vigil.testing.cluster import LocalCluster
-
-    hosts: dict[str, Host] = {pair.a.name: pair.a, pair.b.name: pair.b}
-
-    class LabCluster(LocalCluster):
-        """LocalCluster whose agents run in the lab's hosts (network + PID namespace)."""
-
-        def start_agent(self, node: str) -> subprocess.Popen[bytes]:
-            log = (self.logs / f"{node}.log").open("ab")
-            argv = [str(Path(sys.executable).with_name("vigild")), "--node", node,
-                    "--config", str(self.config), "--log-level", "info"]  # fmt: skip
-            proc = hosts[node].popen(argv, pidns=True, stdout=log, stderr=log, env=self.env())
-            log.close()
-            self.agents[node] = proc.popen
-            self._init.pop(node, None)
-            self._ns.pop(node, None)
-            self.agent_pid(node)
-            return proc.popen
-
-    root = pair.work / "vigil"
-    root.mkdir()
-    return LabCluster(
-        root,
-        list(hosts),
+    return colocated.host_cluster(
+        {pair.a.name: pair.a, pair.b.name: pair.b},
+        pair.work / "vigil",
         name=pair.setup.name.replace(".", "_"),
         store=store,
         node_timeout=pair.setup.node_timeout,
-        isolate=True,
     )
 
 
-def boot(pair: Pair, store: str | None, give_up: float) -> None:
+def boot(pair: Pair, store: str | None, give_up: float, net: Any, hosts: list[Any]) -> None:
     (pair.work / "httpd.py").write_text(HTTPD)
-    if pair.setup.kind == "keepalived":
+    service = [sys.executable, "-S", str(pair.work / "httpd.py"), "-", str(PORT)]
+    if pair.setup.fault:
+        pair.layout = colocated.Colocated(
+            net,
+            hosts,
+            pair.work,
+            vip=pair.vip,
+            port=PORT,
+            service=service,
+            node_timeout=pair.setup.node_timeout,
+            name=pair.setup.name.replace(".", "_"),
+        )
+        pair.layout.start(give_up)
+    elif pair.setup.kind == "keepalived":
         for h in (pair.a, pair.b):
             start_httpd(h, pair.work)
         start_keepalived(pair, pair.a)
@@ -390,13 +346,11 @@ def boot(pair: Pair, store: str | None, give_up: float) -> None:
     else:
         assert store is not None
         c = pair.cluster = lab_cluster(pair, store)
-        service = ", ".join(
-            f'"{a}"' for a in (sys.executable, "-S", str(pair.work / "httpd.py"), "-", str(PORT))
-        )
+        command = ", ".join(f'"{a}"' for a in service)
         c.write_package(
             f'name = "web"\nnodes = ["{pair.a.name}", "{pair.b.name}"]\n'
             f'[[address]]\nip = "{pair.vip}/24"\ninterface = "eth0"\n'
-            f'[[service]]\nname = "http"\ncommand = [{service}]\n'
+            f'[[service]]\nname = "http"\ncommand = [{command}]\n'
         )
         c.start_agent(pair.a.name)  # first: it runs the package and is the controller
         c.wait_nodes_up([pair.a.name], timeout=give_up)
@@ -429,6 +383,10 @@ def steady(pair: Pair, give_up: float) -> None:
 def trial(
     net: Any, pair: Pair, i: int, give_up: float, vrrp: VrrpListener | None
 ) -> dict[str, Any]:
+    if pair.layout is not None:  # layout A: colocated.Colocated.trial does it all
+        sample = pair.layout.trial(pair.setup.fault, give_up) | {"trial": i}
+        pair.samples.append(sample["ms"])
+        return sample
     victim = pair.active
     survivor = pair.other(victim)
     steady(pair, give_up)
@@ -436,18 +394,13 @@ def trial(
     t0 = net.kill_host(victim)
     net.isolate(victim)
     wall0 = time.time() - (time.monotonic_ns() - t0) / 1e9
-    deadline = time.monotonic() + give_up
-    while True:
-        answer = http_get(pair.vip)
-        if answer == survivor.name:
-            t1 = time.monotonic_ns()
-            break
-        if time.monotonic() > deadline:
-            raise RuntimeError(
-                f"{pair.setup.name} trial {i}: no answer from {survivor.name} "
-                f"after {give_up:g} s (last: {answer!r})"
-            )
-        time.sleep(PROBE_EVERY)
+    t1, _ = colocated.first_answer(
+        pair.vip,
+        PORT,
+        lambda body: body == survivor.name,
+        give_up,
+        f"{pair.setup.name} trial {i}: {survivor.name}",
+    )
     ms = round((t1 - t0) / 1e6, 1)
     pair.samples.append(ms)
     sample: dict[str, Any] = {"trial": i, "from": victim.name, "to": survivor.name, "ms": ms}
@@ -532,7 +485,7 @@ def run(args: argparse.Namespace) -> int:
     etcd = None
     failed = False
     try:
-        with Network(hosts=2 * len(setups) + 1) as net:
+        with Network(hosts=sum(s.hosts for s in setups) + 1) as net:
             client = net.hosts[-1]
             enter_netns(client.netns)
             vrrp = None
@@ -540,22 +493,27 @@ def run(args: argparse.Namespace) -> int:
                 vrrp = VrrpListener(client.addr)
             try:
                 store = None
-                if need_etcd:
-                    assert etcd_bin is not None
+                if any(s.kind == "vigil" and not s.fault for s in setups):
+                    assert etcd_bin is not None  # the store of the setups with etcd apart
                     wrapper = work / "etcd"
                     wrapper.write_text(ETCD_WRAPPER.format(addr=client.addr, etcd=etcd_bin))
                     wrapper.chmod(0o755)
                     etcd = EtcdCluster(work / "etcd-data", members=3, binary=str(wrapper))
                     store = "etcd://" + ",".join(f"{client.addr}:{p}" for p in etcd.client_ports)
+                first = 0
                 for k, s in enumerate(setups):
                     d = work / s.name
                     d.mkdir()
-                    pair = Pair(s, net.hosts[2 * k], net.hosts[2 * k + 1], f"10.77.0.{100 + k}", d)
+                    hosts = net.hosts[first : first + s.hosts]
+                    first += s.hosts
+                    pair = Pair(s, hosts[0], hosts[1], f"10.77.0.{100 + k}", d)
                     pairs.append(pair)
                     print(
-                        f"{s.name}: hosts {pair.a.name}, {pair.b.name}, IP {pair.vip}", flush=True
+                        f"{s.name}: hosts {', '.join(h.name for h in hosts)}, IP {pair.vip}"
+                        + (f", each an etcd member; fault {s.fault}" if s.fault else ""),
+                        flush=True,
                     )
-                    boot(pair, store, give_up)
+                    boot(pair, store, give_up, net, hosts)
                 for i in range(args.trials):
                     order = list(pairs)
                     random.shuffle(order)
@@ -563,13 +521,16 @@ def run(args: argparse.Namespace) -> int:
                         t = trial(net, pair, i, give_up, vrrp)
                         pair.trials.append(t)
                         extra = (
-                            f" (planned {t['planned_ms']}, service {t['service_ms']})"
+                            f" (lease gone {t['gone_ms']}, assigned {t['assigned_ms']}, "
+                            f"running {t['running_ms']})"
+                            if "gone_ms" in t
+                            else f" (planned {t['planned_ms']}, service {t['service_ms']})"
                             if "planned_ms" in t
                             else f" (phase {t['phase_ms']}, takeover {t['takeover_ms']})"
                             if "takeover_ms" in t
                             else ""
                         )
-                        print(f"  trial {i + 1:3d}/{args.trials} {pair.setup.name:16} "
+                        print(f"  trial {i + 1:3d}/{args.trials} {pair.setup.name:26} "
                               f"{t['from']} -> {t['to']}: {t['ms']:7.1f} ms{extra}", flush=True)  # fmt: skip
             except (RuntimeError, AssertionError) as exc:
                 print(f"FAILED: {str(exc)[:2000]}", file=sys.stderr)
@@ -578,6 +539,8 @@ def run(args: argparse.Namespace) -> int:
             finally:
                 with benchlib.signals_ignored():
                     for pair in pairs:
+                        if pair.layout is not None:
+                            pair.layout.close()
                         if pair.cluster is not None:
                             for h in (pair.a, pair.b):
                                 with contextlib.suppress(Exception):
@@ -603,10 +566,14 @@ def run(args: argparse.Namespace) -> int:
             "detection_s": round(pair.setup.detection_s, 3),
             "node_timeout": pair.setup.node_timeout or None,
             "keepalived_extra": pair.setup.keepalived_extra.split() or None,
+            "fault": colocated.FAULTS[pair.setup.fault] if pair.setup.fault else None,
             "failover_ms": benchlib.summary(pair.samples),
             **{
                 key: benchlib.summary([t[key] for t in pair.trials if t.get(key) is not None])
-                for key in ("planned_ms", "service_ms", "phase_ms", "takeover_ms")
+                for key in (
+                    *("planned_ms", "service_ms", "phase_ms", "takeover_ms"),
+                    *("elected_ms", "gone_ms", "assigned_ms", "claimed_ms", "running_ms"),
+                )
                 if any(t.get(key) is not None for t in pair.trials)
             },
             "samples": pair.trials,
@@ -663,11 +630,11 @@ def ratios(setups: dict[str, Any]) -> list[dict[str, Any]]:
 def print_table(results: dict[str, Any]) -> None:
     cols = ("p50", "p95", "p99", "max", "mean", "min")
     print("\nhost loss -> the IP answers HTTP from the other host (ms)")
-    print(f"{'':16}{'detect':>8}" + "".join(f"{c:>9}" for c in cols) + f"{'n':>5}")
+    print(f"{'':26}{'detect':>8}" + "".join(f"{c:>9}" for c in cols) + f"{'n':>5}")
     for name, r in results["setups"].items():
         s = r["failover_ms"]
         print(
-            f"{name:16}{r['detection_s']:>7.2f}s"
+            f"{name:26}{r['detection_s']:>7.2f}s"
             + "".join(f"{s[c]:>9.0f}" for c in cols)
             + f"{s['count']:>5}"
         )
@@ -677,6 +644,13 @@ def print_table(results: dict[str, Any]) -> None:
             print(
                 f"{name}: controller ordered the start p50 {p['p50']:.0f} / max {p['max']:.0f}"
                 f" ms, service started p50 {v['p50']:.0f} / max {v['max']:.0f} ms"
+            )
+        if "gone_ms" in r:
+            g, a, v = r["gone_ms"], r["assigned_ms"], r["running_ms"]
+            print(
+                f"{name}: lease gone p50 {g['p50']:.0f} / max {g['max']:.0f} ms, assigned "
+                f"elsewhere p50 {a['p50']:.0f} / max {a['max']:.0f} ms, running p50 "
+                f"{v['p50']:.0f} / max {v['max']:.0f} ms"
             )
         if "takeover_ms" in r:
             p, v = r["phase_ms"], r["takeover_ms"]

@@ -93,6 +93,30 @@ def package_toml(pkg: LabPackage, root: Path) -> str:
     )
 
 
+def etcd_member_argv(
+    binary: str, host: Host, members: list[Host], data_dir: Path, token: str
+) -> list[str]:
+    """The command line of ``host``'s member of an etcd cluster of ``members`` (clients
+    on HOST:2379, peers on HOST:2380, the timings docs/operations.md recommends)."""
+    peers = ",".join(f"{h.name}=http://{h.addr}:{PEER_PORT}" for h in members)
+    return [
+        binary,
+        "--name", host.name,
+        "--data-dir", str(data_dir),
+        "--listen-client-urls", f"http://{host.addr}:{CLIENT_PORT}",
+        "--advertise-client-urls", f"http://{host.addr}:{CLIENT_PORT}",
+        "--listen-peer-urls", f"http://{host.addr}:{PEER_PORT}",
+        "--initial-advertise-peer-urls", f"http://{host.addr}:{PEER_PORT}",
+        "--initial-cluster", peers,
+        "--initial-cluster-state", "new",  # ignored once the data dir exists
+        "--initial-cluster-token", token,
+        "--heartbeat-interval", str(ETCD_HEARTBEAT_MS),
+        "--election-timeout", str(ETCD_ELECTION_MS),
+        "--pre-vote=true",
+        "--logger", "zap", "--log-outputs", "stderr", "--log-level", "warn",
+    ]  # fmt: skip
+
+
 # The hang fault: while CTL/PKG.hang exists, "start" hangs (until run_script_timeout).
 HOOK = """#!/bin/sh
 case "$1" in
@@ -180,23 +204,10 @@ class LabCluster:
     # -- etcd -------------------------------------------------------------------
 
     def start_etcd(self, host: Host) -> None:
-        peers = ",".join(f"{h.name}=http://{h.addr}:{PEER_PORT}" for h in self.etcd_hosts)
-        args = [
-            self.etcd_bin,
-            "--name", host.name,
-            "--data-dir", str(self.root / "etcd" / host.name),
-            "--listen-client-urls", f"http://{host.addr}:{CLIENT_PORT}",
-            "--advertise-client-urls", f"http://{host.addr}:{CLIENT_PORT}",
-            "--listen-peer-urls", f"http://{host.addr}:{PEER_PORT}",
-            "--initial-advertise-peer-urls", f"http://{host.addr}:{PEER_PORT}",
-            "--initial-cluster", peers,
-            "--initial-cluster-state", "new",  # ignored once the data dir exists
-            "--initial-cluster-token", f"vigil-lab-{self.net.prefix}",
-            "--heartbeat-interval", str(ETCD_HEARTBEAT_MS),
-            "--election-timeout", str(ETCD_ELECTION_MS),
-            "--pre-vote=true",
-            "--logger", "zap", "--log-outputs", "stderr", "--log-level", "warn",
-        ]  # fmt: skip
+        args = etcd_member_argv(
+            self.etcd_bin, host, self.etcd_hosts, self.root / "etcd" / host.name,
+            f"vigil-lab-{self.net.prefix}",
+        )  # fmt: skip
         with (self.logs / f"etcd-{host.name}.log").open("ab") as log:
             self.etcd[host.name] = host.popen(args, stdout=log, stderr=log, env=self.env())
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import socket
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -51,6 +52,16 @@ def closed_port_url() -> str:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     return f"http://127.0.0.1:{port}"
+
+
+@contextlib.contextmanager
+def silent_endpoint() -> Iterator[str]:
+    """An http:// URL on 127.0.0.1 that accepts connections and never answers, like
+    a member whose host froze."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        yield f"http://127.0.0.1:{silent.getsockname()[1]}"
 
 
 def run(coro: object) -> None:
@@ -131,10 +142,7 @@ def test_all_endpoints_down_is_unavailable_quickly() -> None:
 
 def test_silent_endpoint_times_out() -> None:
     # A socket that listens but never answers: connecting works, the reply never comes.
-    with socket.socket() as silent:
-        silent.bind(("127.0.0.1", 0))
-        silent.listen(16)
-        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+    with silent_endpoint() as url:
 
         async def main() -> None:
             async with EtcdStore([url], timeout=0.5, watch_reconnect=0.5) as store:
@@ -155,10 +163,7 @@ def test_keepalive_asks_the_next_member_when_one_hangs(cluster: EtcdCluster) -> 
     """A lease keepalive is hedged: with a first endpoint that accepts connections and
     never answers, the renewal is answered by the next member long before the
     request to the silent one times out, and the next renewal starts there."""
-    with socket.socket() as silent:
-        silent.bind(("127.0.0.1", 0))
-        silent.listen(16)
-        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+    with silent_endpoint() as url:
 
         async def main() -> None:
             async with EtcdStore(cluster.endpoints) as granter:
@@ -174,6 +179,82 @@ def test_keepalive_asks_the_next_member_when_one_hangs(cluster: EtcdCluster) -> 
                         await store.lease_keepalive(lease)
 
         run(main())
+
+
+def test_read_asks_the_next_member_when_one_hangs(cluster: EtcdCluster) -> None:
+    """A read is hedged like a keepalive: with a first endpoint that accepts
+    connections and never answers, it is answered by the next member after a fifth
+    of the timeout, not after the timeout, and the next request starts there."""
+    with silent_endpoint() as url:
+
+        async def main() -> None:
+            async with EtcdStore(cluster.endpoints) as writer:
+                revision = await writer.put("hedge/k", b"v")
+            async with EtcdStore([url, *cluster.endpoints], timeout=5.0) as store:
+                start = time.monotonic()
+                kv = await store.get("hedge/k")
+                took = time.monotonic() - start
+                assert kv is not None and kv.mod_revision == revision
+                assert took < 2.5, f"the read waited {took:.2f}s on the silent member"
+                assert store.endpoint == cluster.endpoint(0)
+
+        run(main())
+
+
+def test_stores_sharing_members_leave_a_frozen_member_together(
+    members_back: EtcdCluster,
+) -> None:
+    """An agent's two clients (requests and watch with a 5 s timeout; lease renewals
+    with a short one) ask the same member first. When that member freezes (its host
+    died without closing a connection), the renewal finds it out in a fraction of a
+    second, and from then on the other client's reads go elsewhere at once and its
+    watch moves too: nothing waits for the 5 s timeout or for watch_idle."""
+    cluster = members_back
+    prefix = "shared/"
+
+    async def main() -> None:
+        leader = await wait_leader(cluster)
+        victim = (leader + 1) % 3  # a follower: no election in this test
+        others = [cluster.endpoint(i) for i in range(3) if i != victim]
+        endpoints = [cluster.endpoint(victim), *others]
+        store = EtcdStore(endpoints, timeout=5.0, watch_idle=5.0)
+        renewer = EtcdStore(endpoints, timeout=1.0, share_with=store)
+        writer = EtcdStore(others)
+        try:
+            lease = await writer.lease_grant(5)
+            base = (await store.range(prefix))[1]
+            watch = store.watch(prefix, base)
+            first = await writer.put(f"{prefix}0", b"0")
+            assert keys_revs(await take(watch, 1)) == [("put", f"{prefix}0", first)]
+            assert store.endpoint == renewer.endpoint == cluster.endpoint(victim)
+            cluster.pause_member(victim)
+            try:
+                start = time.monotonic()
+                assert await renewer.lease_keepalive(lease) == 5  # hedged after 0.2 s
+                assert time.monotonic() - start < 1.0
+                assert store.endpoint != cluster.endpoint(victim)  # shared: moved too
+                second = await writer.put(f"{prefix}1", b"1")
+                assert keys_revs(await take(watch, 1, timeout=10)) == [
+                    ("put", f"{prefix}1", second)
+                ]
+                kv = await store.get(f"{prefix}1")
+                took = time.monotonic() - start
+                assert kv is not None and kv.mod_revision == second
+                assert took < 2.0, f"the watch and a read took {took:.2f}s to leave the member"
+            finally:
+                cluster.resume_member(victim)
+            await watch.aclose()  # type: ignore[attr-defined]
+        finally:
+            for s in (store, renewer, writer):
+                await s.close()
+
+    run(main())
+
+
+def test_share_with_needs_the_same_endpoints(cluster: EtcdCluster) -> None:
+    store = EtcdStore(cluster.endpoints)
+    with pytest.raises(ValueError, match="other endpoints"):
+        EtcdStore(cluster.endpoints[:2], share_with=store)
 
 
 def test_member_without_quorum_refuses_in_bounded_time(members_back: EtcdCluster) -> None:

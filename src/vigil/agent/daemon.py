@@ -49,8 +49,12 @@ async def run_agent(
     store = open_store(cluster.store)
     # Renewals must reach a live member well within the fencing bound: a member that
     # died without closing its connections (host lost, partition) is given up on
-    # after one renewal interval and the next member is tried.
-    lease_store = open_store(cluster.store, timeout=max(0.25, cluster.node_timeout / 6))
+    # after one renewal interval and the next member is tried. The two clients ask the
+    # same member first: the renewals, every node_timeout / 6, find a dead member
+    # first, and the agent's watch and requests leave it at once (store/etcd.py).
+    lease_store = open_store(
+        cluster.store, timeout=max(0.25, cluster.node_timeout / 6), share_with=store
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -72,12 +72,16 @@ __all__ = [
 ]
 
 
-def open_store(url: str, *, timeout: float | None = None) -> Store:
+def open_store(url: str, *, timeout: float | None = None, share_with: Store | None = None) -> Store:
     """The store named by ``url``; raises StoreUnavailable for an unusable URL.
 
     Opening is lazy: a SQLite file is opened (and checked), and etcd is
     connected to, by the first operation. ``timeout``: for etcd, seconds one
     request may wait for one member before the next is tried (default 5 s).
+    ``share_with``: another store opened from ``url`` in this process; on etcd the
+    two ask the same member first (one that did not answer either of them is not
+    asked first by the other, and their watches leave it), each with its own
+    connections and timeout. Ignored for the other backends.
     """
     try:
         kind, where = parse_store_url(url)
@@ -93,6 +97,7 @@ def open_store(url: str, *, timeout: float | None = None) -> Store:
         return MemoryStore()
     from vigil.store.etcd import EtcdStore  # httpx is imported only for etcd
 
+    peer = share_with if isinstance(share_with, EtcdStore) else None
     if timeout is None:
-        return EtcdStore(where)
-    return EtcdStore(where, timeout=timeout, connect_timeout=timeout / 2)
+        return EtcdStore(where, share_with=peer)
+    return EtcdStore(where, timeout=timeout, connect_timeout=timeout / 2, share_with=peer)

@@ -9,19 +9,25 @@ streaming ``/v3/watch``. Keys are the UTF-8 bytes of vigil's ``str`` keys,
 base64-encoded like values; etcd sorts keys by bytes, which for UTF-8 is the
 order of ``str``. Tested with etcd 3.4 (Debian's ``etcd-server``) and 3.5.
 
-Endpoints: a request goes to the endpoint that last worked; on a connection
-error or timeout it tries the next ones in turn, remembers the first that answers,
-and a member that failed is not tried first again (even when the failed request
-was a write that could not be retried). A
-request that may have reached etcd (the connection broke after it was sent, or
-etcd timed out) is only retried on another endpoint if it is idempotent (reads,
-lease grant and keepalive, compaction); a write then raises ``StoreUnavailable``
-saying that its outcome is unknown. A lease keepalive is *hedged*: asked of the
-next member too when the first has not answered within a fifth of the timeout,
-because a follower holds it while there is no leader (and answers as soon as
-there is one) while a dead member never answers. Every request carries the gRPC metadata
-``hasleader``, so that a member cut off from the quorum refuses at once (or
-closes a watch) instead of hanging, and the request moves on to another member.
+Endpoints: requests go first to one member, the one that last worked ("asked
+first"); a member that failed or was slower than another is not asked first again.
+Idempotent requests (reads, lease grant and keepalive, compaction) are *hedged*:
+asked of the next member too when the first has not answered within a fifth of the
+timeout, at once when it cannot be reached or refuses (no leader), and the first
+answer wins: a follower holds a keepalive while there is no leader (and answers as
+soon as there is one), while a member whose host died never answers anything. A
+write goes to the member asked first and to the next ones only while it surely was
+not applied (the connection could not be made, or etcd refused before doing
+anything); otherwise it raises ``StoreUnavailable`` saying that its outcome is
+unknown. Every request carries the gRPC metadata ``hasleader``, so that a member cut
+off from the quorum refuses at once (or closes a watch) instead of hanging.
+
+Stores of one process can share which member they ask first (``share_with``): the
+agent renews its lease through a store with a short timeout, every ``node_timeout``
+/ 6, so it is the first to find a member dead; from then on its other requests go
+elsewhere too, and its watch leaves that member at once (a watch is always on the
+member asked first: when that changes, it is created again there, from its last
+event). Each change is logged (``etcd: asking URL first from now on (...)``).
 
 Where etcd differs from the contract, and what this backend does about it:
 
@@ -48,7 +54,7 @@ Where etcd differs from the contract, and what this backend does about it:
   watch resume for ``watch_reconnect`` seconds it raises ``StoreUnavailable``.
   A watch that received nothing for ``watch_idle`` seconds (5 s) is created
   again from its last event: a member that froze or was cut off keeps the
-  stream open and silent.
+  stream open and silent (sooner, when another request finds that member dead).
 """
 
 from __future__ import annotations
@@ -58,6 +64,7 @@ import base64
 import binascii
 import contextlib
 import json
+import logging
 import math
 import socket
 import time
@@ -89,6 +96,8 @@ from vigil.store.base import (
 from vigil.store.memory import check_ops
 
 __all__ = ["EtcdStore"]
+
+log = logging.getLogger("vigil.store.etcd")
 
 T = TypeVar("T")
 Json = dict[str, Any]
@@ -145,6 +154,10 @@ class _StreamBroken(Exception):
 
 class _Idle(Exception):
     """A watch stream sent nothing for ``watch_idle`` seconds: create it again."""
+
+
+class _Moved(Exception):
+    """Another member is asked first now: the watch follows it (see ``_Members``)."""
 
 
 class _Unreachable(Exception):
@@ -377,6 +390,77 @@ def _endpoint(url: str) -> str:
     return url
 
 
+async def _next_line(
+    lines: AsyncIterator[str], moved: asyncio.Future[None], idle: float | None
+) -> str | None:
+    """The next line of a watch stream (None at its end). ``_Moved`` as soon as
+    ``moved`` is done, TimeoutError after ``idle`` seconds without a line."""
+
+    async def read() -> str | None:
+        return await anext(lines, None)
+
+    task = asyncio.ensure_future(read())
+    try:
+        done, _ = await asyncio.wait(
+            (task, moved), timeout=idle, return_when=asyncio.FIRST_COMPLETED
+        )
+        if task in done:
+            return task.result()
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    if moved.done():
+        raise _Moved
+    raise TimeoutError
+
+
+# -- which member to ask ------------------------------------------------------
+
+
+class _Members:
+    """Which member of an etcd cluster this process asks first, and who to tell when
+    that changes. Shared by the stores of one agent (``EtcdStore(..., share_with=)``):
+    a member that did not answer one of them is not asked first by the others either,
+    and a watch on it moves to the member asked first now (see ``EtcdStore.watch``).
+    """
+
+    LOG_EVERY = 1.0  # seconds: moves closer together (no member answers) are logged at debug
+
+    def __init__(self, endpoints: list[str]) -> None:
+        self.endpoints = endpoints
+        self.current = 0
+        self._listeners: list[Callable[[], None]] = []
+        self._logged = -math.inf
+
+    def prefer(self, index: int, why: str, level: int = logging.WARNING) -> None:
+        """Ask ``index`` first from now on, because of ``why`` (logged at ``level``)."""
+        if index == self.current:
+            return
+        old, self.current = self.endpoints[self.current], index
+        now = time.monotonic()
+        if now - self._logged < self.LOG_EVERY:
+            level = logging.DEBUG
+        else:
+            self._logged = now
+        log.log(
+            level, "etcd: asking %s first from now on (%s: %s)", self.endpoints[index], old, why
+        )
+        for listener in list(self._listeners):
+            listener()
+
+    def failed(self, index: int, why: str) -> None:
+        """``index`` could not be reached: if it was asked first, the next one is."""
+        if index == self.current:
+            self.prefer((index + 1) % len(self.endpoints), why)
+
+    def listen(self, listener: Callable[[], None]) -> Callable[[], None]:
+        """Call ``listener()`` whenever the member asked first changes; returns the
+        function that stops it."""
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener)
+
+
 # -- the store ----------------------------------------------------------------
 
 
@@ -395,6 +479,8 @@ class EtcdStore:
     from its last event (on the member requests last worked on, then the next
     ones), because a member that hangs or is cut off keeps the stream open and
     silent; the kernel even answers TCP keepalives for a frozen process.
+    ``share_with``: another store on the same endpoints whose choice of the member
+    asked first this one shares (each keeps its own connections and timeouts).
 
     A store's connections belong to the event loop it is first used on: use
     (and close) it there; using it on another loop raises RuntimeError.
@@ -408,19 +494,24 @@ class EtcdStore:
         connect_timeout: float = 1.0,
         watch_reconnect: float = 30.0,
         watch_idle: float = 5.0,
+        share_with: EtcdStore | None = None,
     ) -> None:
         if isinstance(endpoints, str):
             raise TypeError("endpoints is a list of URLs, not one string")
         self._endpoints = [_endpoint(url) for url in endpoints]
         if not self._endpoints:
             raise ValueError("etcd store needs at least one endpoint")
+        if share_with is not None and share_with._endpoints != self._endpoints:
+            raise ValueError(
+                f"share_with: {share_with!r} has other endpoints than {self._endpoints!r}"
+            )
         if not timeout > 0 or not connect_timeout > 0 or not watch_idle > 0:
             raise ValueError("timeouts must be positive")
         self._timeout = timeout
         self._connect_timeout = min(connect_timeout, timeout)
         self._watch_reconnect = watch_reconnect
         self._watch_idle = watch_idle
-        self._current = 0
+        self._members: _Members = share_with._members if share_with else _Members(self._endpoints)
         self._client: httpx.AsyncClient | None = None
         self._client_loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
@@ -432,7 +523,7 @@ class EtcdStore:
     @property
     def endpoint(self) -> str:
         """The endpoint the next request goes to first (the last one that worked)."""
-        return self._endpoints[self._current]
+        return self._endpoints[self._members.current]
 
     def __repr__(self) -> str:
         return f"EtcdStore({self._endpoints!r})"
@@ -504,7 +595,7 @@ class EtcdStore:
                 raise LeaseNotFound(f"lease {lease_id} not found (expired or revoked)")
             return float(ttl)
 
-        return await self._hedged("/v3/lease/keepalive", {"ID": str(lease_id)}, parse)
+        return await self._hedged("/v3/lease/keepalive", {"ID": str(lease_id)}, parse, stream=True)
 
     async def lease_revoke(self, lease_id: int) -> None:
         def parse(data: Json) -> None:
@@ -518,7 +609,7 @@ class EtcdStore:
             raise TypeError(f"store keys are str, got {type(prefix).__name__}")
         request = _prefix_range(prefix)
         cursor = after_revision
-        index = self._current
+        index = self._members.current
         failures: list[str] = []
         failing_since: float | None = None
         delay = 0.05
@@ -528,11 +619,12 @@ class EtcdStore:
             start = max(cursor + 1, 1)
             body = {"create_request": {**request, "start_revision": str(start)}}
             try:
-                stream = self._watch_stream(endpoint, body, cursor)
+                stream = self._watch_stream(index, body, cursor)
                 async with contextlib.aclosing(stream):
                     async for batch in stream:
                         if batch is None:  # the watch is created: this endpoint works
-                            self._current = index
+                            if failures:
+                                self._members.prefer(index, failures[-1].split(": ", 1)[-1])
                             failures.clear()
                             failing_since = None
                             delay = 0.05
@@ -543,14 +635,15 @@ class EtcdStore:
                                 continue  # defensive: never repeat an event
                             yield event
                             cursor = event.revision
-            except _Idle:
-                index = self._current  # where requests last worked: maybe elsewhere now
+            except (_Idle, _Moved):
+                index = self._members.current  # where requests last worked: maybe elsewhere
                 continue
             except (httpx.TransportError, _StreamBroken, _Refused) as exc:
                 self._check_open()
                 if isinstance(exc, _Refused) and not exc.transient:
                     raise self._error(endpoint, exc) from None
                 failures.append(f"{endpoint}: {_describe(exc)}")
+                self._members.failed(index, _describe(exc))
                 now = time.monotonic()
                 if failing_since is None:
                     failing_since = now
@@ -727,23 +820,25 @@ class EtcdStore:
         parse: Callable[[Json], T],
         *,
         retry: bool,
-        stream: bool = False,
     ) -> T:
-        """POST ``body`` to ``path``, trying the endpoints in turn; ``parse`` the reply.
+        """POST ``body`` to ``path`` and ``parse`` the reply.
 
-        ``retry``: the request is idempotent, so it may go to another endpoint even
-        if it may have reached etcd. ``stream``: the reply is a gateway stream
-        (``{"result": ...}`` lines): parse its first message.
+        ``retry``: the request is idempotent (a read, a lease grant, a compaction), so it
+        is hedged (see ``_hedged``). A write goes to the member asked first, and to the
+        next ones only while it surely was not applied: its connection could not be
+        made, or the member refused it before doing anything (no leader).
         """
+        if retry:
+            return await self._hedged(path, body, parse, stream=False)
         client = self._http()
         failures: list[str] = []
         count = len(self._endpoints)
         deadline = time.monotonic() + self._timeout
         delay = 0.05
         while True:
-            # One round: every endpoint once, from the one that worked last.
+            # One round: every endpoint once, from the one asked first.
             answered = False  # some member answered but could not serve (an election)
-            start = self._current
+            start = self._members.current
             for step in range(count):
                 index = (start + step) % count
                 endpoint = self._endpoints[index]
@@ -751,9 +846,8 @@ class EtcdStore:
                     response = await client.post(endpoint + path, json=body)
                 except httpx.TransportError as exc:
                     self._check_open()
-                    if index == self._current:  # the next request starts elsewhere
-                        self._current = (index + 1) % count
-                    if not retry and not isinstance(exc, _NOT_SENT):
+                    self._members.failed(index, _describe(exc))
+                    if not isinstance(exc, _NOT_SENT):
                         raise StoreUnavailable(
                             f"etcd {endpoint}{path}: {_describe(exc)}; the request may or may "
                             "not have been applied"
@@ -761,17 +855,17 @@ class EtcdStore:
                     failures.append(f"{endpoint}: {_describe(exc)}")
                     continue
                 try:
-                    data = self._decode(response, stream)
-                    result = parse(data)
+                    result = parse(self._decode(response, stream=False))
                 except _Refused as refused:
-                    if refused.transient and (retry or refused.not_applied):
+                    if refused.transient and refused.not_applied:
                         failures.append(f"{endpoint}: {refused.message}")
                         answered = True
                         continue
                     raise self._error(endpoint, refused) from None
                 except _BadData as exc:
                     raise StoreCorrupt(f"etcd {endpoint}{path}: {exc}") from None
-                self._current = index
+                if failures:
+                    self._members.prefer(index, failures[-1].split(": ", 1)[-1])
                 return result
             if not answered or time.monotonic() + delay > deadline:
                 raise StoreUnavailable(
@@ -781,45 +875,74 @@ class EtcdStore:
             await asyncio.sleep(delay)  # a leader election takes about a second
             delay = min(delay * 2, 0.5)
 
-    async def _hedged(self, path: str, body: Json, parse: Callable[[Json], T]) -> T:
-        """An idempotent streamed request (a lease keepalive) sent to the member that
-        last worked, then to the next one each ``timeout / 5`` while none has
-        answered (at once when one fails); the first answer wins, the others are
-        cancelled. A follower holds such a request while there is no leader and
-        answers it as soon as there is one, while a member that hangs or is cut off
-        never does: asking them side by side rides out an election without waiting
-        on a dead member, within ``timeout`` in all.
+    async def _hedged(
+        self, path: str, body: Json, parse: Callable[[Json], T], *, stream: bool
+    ) -> T:
+        """An idempotent request (``stream``: its reply is a gateway stream, as for a
+        lease keepalive), sent to the member asked first, then to the next one when
+        none has answered within ``timeout / 5``, and at once when one cannot be
+        reached or refuses it (no leader), or when another request of this process
+        stopped asking that member first. The first answer wins, the others are
+        cancelled; all within ``timeout``.
+
+        A follower holds a keepalive while there is no leader (and answers it as soon
+        as there is one) while a member that hangs or is cut off never answers
+        anything: asking them side by side rides out an election without waiting on a
+        dead member. The member that answered is asked first from now on.
         """
         count = len(self._endpoints)
-        order = [(self._current + k) % count for k in range(count)]
+        first = self._members.current
+        order = [(first + k) % count for k in range(count)]
         running: dict[asyncio.Task[T], int] = {}
         failures: list[str] = []
         hedge_after = self._timeout / 5
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        hurry: asyncio.Future[None] = loop.create_future()  # ask the next member now
+        refusals: list[str] = []  # the members that could not serve it (no leader)
+
+        def rush(why: str = "") -> None:
+            if why:
+                refusals.append(why)
+            if not hurry.done():
+                hurry.set_result(None)
+
+        stop_listening = self._members.listen(rush)
         try:
             async with asyncio.timeout(self._timeout):
                 while order or running:
                     if order:
                         index = order.pop(0)
-                        running[asyncio.create_task(self._ask(index, path, body, parse))] = index
-                    done, _ = await asyncio.wait(
-                        running,
+                        ask = self._ask(index, path, body, parse, stream=stream, refused=rush)
+                        running[asyncio.create_task(ask)] = index
+                    if hurry.done():
+                        hurry = loop.create_future()
+                    waiting: set[asyncio.Future[Any]] = set(running)
+                    if order:
+                        waiting.add(hurry)
+                    await asyncio.wait(
+                        waiting,
                         timeout=hedge_after if order else None,
                         return_when=asyncio.FIRST_COMPLETED,
                     )
-                    for task in done:
+                    for task in [t for t in running if t.done()]:
                         index = running.pop(task)
                         exc = task.exception()
                         if exc is None:
-                            self._current = index
+                            if index != first and refusals:
+                                self._members.prefer(index, refusals[0])
+                            elif index != first:  # slower than another, maybe not dead
+                                why = f"no answer within {loop.time() - started:.2f} s"
+                                self._members.prefer(index, why, logging.INFO)
                             return task.result()
                         if not isinstance(exc, _Unreachable):
                             raise exc
                         failures.append(str(exc))
-                        if index == self._current:
-                            self._current = (index + 1) % count
+                        self._members.failed(index, str(exc).split(": ", 1)[-1])
         except TimeoutError:
             failures.append(f"no answer within {self._timeout:g} s")
         finally:
+            stop_listening()
             for task in running:
                 task.cancel()
             await asyncio.gather(*running, return_exceptions=True)
@@ -829,9 +952,19 @@ class EtcdStore:
             f"({'; '.join(failures[-count:])})"
         )
 
-    async def _ask(self, index: int, path: str, body: Json, parse: Callable[[Json], T]) -> T:
+    async def _ask(
+        self,
+        index: int,
+        path: str,
+        body: Json,
+        parse: Callable[[Json], T],
+        *,
+        stream: bool,
+        refused: Callable[[str], None],
+    ) -> T:
         """One member, until it answers: a refusal that an election explains (no
-        leader yet) is asked again; ``_Unreachable`` if it cannot be reached."""
+        leader yet) is asked again, after calling ``refused(its message)``;
+        ``_Unreachable`` if it cannot be reached."""
         endpoint = self._endpoints[index]
         delay = 0.02
         while True:
@@ -841,10 +974,11 @@ class EtcdStore:
                 self._check_open()
                 raise _Unreachable(f"{endpoint}: {_describe(exc)}") from None
             try:
-                return parse(self._decode(response, stream=True))
-            except _Refused as refused:
-                if not refused.transient:
-                    raise self._error(endpoint, refused) from None
+                return parse(self._decode(response, stream=stream))
+            except _Refused as exc:
+                if not exc.transient:
+                    raise self._error(endpoint, exc) from None
+                refused(exc.message)
             except _BadData as exc:
                 raise StoreCorrupt(f"etcd {endpoint}{path}: {exc}") from None
             await asyncio.sleep(delay)
@@ -874,17 +1008,30 @@ class EtcdStore:
         return data
 
     async def _watch_stream(
-        self, endpoint: str, body: Json, cursor: int
+        self, index: int, body: Json, cursor: int
     ) -> AsyncGenerator[list[WatchEvent] | None, None]:
-        """One watch connection: None once created, then each batch of events."""
+        """One watch connection to member ``index``: None once created, then each batch
+        of events. ``_Moved`` as soon as another member is asked first (this one did not
+        answer a request, or was slower than another), ``_Idle`` after ``watch_idle``
+        seconds without a message."""
+        endpoint = self._endpoints[index]
         client = self._http()
         timeout = httpx.Timeout(self._timeout, connect=self._connect_timeout, read=None)
+        moved: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def on_move() -> None:
+            if self._members.current != index and not moved.done():
+                moved.set_result(None)
+
+        stop_listening = self._members.listen(on_move)
         created = False
-        loop = asyncio.get_running_loop()
         try:
+            on_move()
+            if moved.done():  # another member is asked first since the watch chose this one
+                raise _Moved
             # Until etcd confirms the watch, ``timeout`` bounds the wait; then watch_idle
-            # bounds each wait for the next message (never the consumer's time: the
-            # deadline is off while an event is handed out).
+            # bounds each wait for the next message (never the consumer's time: nothing
+            # is timed while an event is handed out).
             async with (
                 asyncio.timeout(self._timeout) as deadline,
                 client.stream(
@@ -895,26 +1042,28 @@ class EtcdStore:
                     await response.aread()
                     self._decode(response, stream=True)  # raises the error it holds
                     raise _StreamBroken(f"HTTP {response.status_code}")
-                async for line in response.aiter_lines():
+                lines = response.aiter_lines()
+                idle = None  # until created
+                while (line := await _next_line(lines, moved, idle)) is not None:
                     confirmed, events = self._watch_message(endpoint, line, cursor)
                     if confirmed and not created:
                         created = True
                         deadline.reschedule(None)
+                        idle = self._watch_idle
                         yield None
                     if events:
                         if not created:
                             raise _StreamBroken("events before the watch was created")
-                        deadline.reschedule(None)
                         yield events
                         cursor = events[-1].revision
-                    if created:
-                        deadline.reschedule(loop.time() + self._watch_idle)
         except TimeoutError:
             if created:
                 raise _Idle from None
             raise _StreamBroken(
                 f"no reply to the watch request within {self._timeout:g} s"
             ) from None
+        finally:
+            stop_listening()
         raise _StreamBroken("the watch stream ended")
 
     @staticmethod

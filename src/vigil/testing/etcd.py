@@ -39,7 +39,14 @@ from typing import Any
 
 from vigil.errors import SpawnError
 
-__all__ = ["EtcdCluster", "etcd_version", "find_etcd"]
+__all__ = [
+    "EtcdCluster",
+    "etcd_version",
+    "find_etcd",
+    "member_healthy",
+    "member_request",
+    "transfer_leadership",
+]
 
 _HEARTBEAT_MS = 100
 _ELECTION_MS = 600
@@ -68,6 +75,43 @@ def etcd_version(binary: str) -> str:
         if line.startswith("etcd Version:"):
             return line.split(":", 1)[1].strip()
     return ""
+
+
+def member_request(
+    endpoint: str, path: str, body: dict[str, Any] | None = None, timeout: float = 2.0
+) -> dict[str, Any] | None:
+    """POST ``body`` (JSON) to one member's JSON gateway, ``endpoint + path`` (e.g.
+    ``/v3/maintenance/status``): its reply, or None if it did not give one."""
+    request = urllib.request.Request(
+        endpoint + path, data=json.dumps(body or {}).encode(), method="POST"
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as reply:
+            data = json.loads(reply.read())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def transfer_leadership(leader: str, target: str) -> bool:
+    """Ask the leader at ``leader`` to hand leadership to the member at ``target``
+    (etcd's MoveLeader); whether it accepted. The election takes a moment more."""
+    status = member_request(target, "/v3/maintenance/status")
+    member_id = (status or {}).get("header", {}).get("member_id")
+    if member_id is None:
+        return False
+    reply = member_request(leader, "/v3/maintenance/transfer-leadership", {"targetID": member_id})
+    return reply is not None and "error" not in reply
+
+
+def member_healthy(endpoint: str, timeout: float = 2.0) -> bool:
+    """Whether the member at ``endpoint`` says it is healthy (``/health``)."""
+    try:
+        with urllib.request.urlopen(endpoint + "/health", timeout=timeout) as reply:
+            data = json.loads(reply.read())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("health") == "true"
 
 
 def _free_ports(count: int) -> list[int]:
@@ -215,12 +259,7 @@ class EtcdCluster:
             raise
 
     def healthy(self, i: int) -> bool:
-        try:
-            with urllib.request.urlopen(self.endpoint(i) + "/health", timeout=2) as reply:
-                data = json.loads(reply.read())
-        except (OSError, ValueError):
-            return False
-        return isinstance(data, dict) and data.get("health") == "true"
+        return member_healthy(self.endpoint(i))
 
     def leader(self) -> int | None:
         """The index of the leader that every running member agrees on, or None."""
@@ -239,16 +278,19 @@ class EtcdCluster:
             return None
         return ids.get(leaders.pop())
 
+    def transfer_leader(self, to: int, timeout: float = 15.0) -> None:
+        """Make member ``to`` the leader (etcd's MoveLeader: no member stops, no
+        client loses its connection); wait until every running member agrees."""
+        deadline = time.monotonic() + timeout
+        while (leader := self.leader()) != to:
+            if time.monotonic() > deadline:
+                raise SpawnError(f"etcd: member {self.names[to]} did not become the leader")
+            if leader is not None:
+                transfer_leadership(self.endpoint(leader), self.endpoint(to))
+            time.sleep(0.1)
+
     def _status(self, i: int) -> dict[str, Any] | None:
-        request = urllib.request.Request(
-            self.endpoint(i) + "/v3/maintenance/status", data=b"{}", method="POST"
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=2) as reply:
-                data = json.loads(reply.read())
-        except (OSError, ValueError):
-            return None
-        return data if isinstance(data, dict) else None
+        return member_request(self.endpoint(i), "/v3/maintenance/status")
 
     def close(self) -> None:
         """Kill every member (idempotent)."""
