@@ -31,6 +31,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/restart_latency.py
 	$(BIN)/python bench/agent_footprint.py
 	$(BIN)/python bench/planner.py
+	$(BIN)/python bench/agent_death.py
 	$(BIN)/python bench/failover.py
 	$(BIN)/python bench/etcd_elections.py
 	$(BIN)/python bench/keepalived_compare.py
