@@ -49,11 +49,9 @@ from pathlib import Path
 from typing import Any
 
 import benchlib
-from failover import free_port, http_answer, on
+from failover import NODES, PKG, answer_elsewhere, free_port, steady_on
 
 NAME = "agent_death"
-NODES = ["n1", "n2", "n3"]
-PKG = "web"
 MODES = ("cgroup", "process-group")
 TARGET_MS = 1000.0
 
@@ -70,33 +68,15 @@ def trials(
     cluster.apply()
     out: list[float] = []
     for i in range(n):
-        view = cluster.wait(
-            lambda v: all(v["nodes"][x]["state"] == "up" for x in NODES) and on(v, PKG),
-            give_up,
-            "every node up and the package running",
-        )
-        victim = on(view, PKG)
-        assert victim is not None
-        deadline = time.monotonic() + give_up
-        while not (http_answer(port) or "").startswith(victim + " "):
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"trial {i}: the service on {victim} does not answer")
-            time.sleep(0.01)
+        victim = steady_on(cluster, port, give_up, i)
         time.sleep(random.uniform(0, ttl / 3))
         t0 = time.monotonic_ns()
         os.kill(cluster.agent_pid(victim), signal.SIGKILL)
-        deadline = time.monotonic() + give_up
-        while True:
-            answer = http_answer(port, timeout=0.1)
-            if answer and not answer.startswith(victim + " "):
-                ms = (time.monotonic_ns() - t0) / 1e6
-                break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"trial {i}: no answer from another node after {give_up}s")
-            time.sleep(0.005)
+        new, t1 = answer_elsewhere(port, victim, give_up, i, every=0.005)
+        ms = (t1 - t0) / 1e6
         cluster.agents[victim].wait(timeout=10)
         out.append(round(ms, 1))
-        print(f"  trial {i + 1:3d}/{n}: {victim} -> {answer.split()[0]}: {ms:.0f} ms", flush=True)
+        print(f"  trial {i + 1:3d}/{n}: {victim} -> {new}: {ms:.0f} ms", flush=True)
         cluster.start_agent(victim)
     return out
 

@@ -111,6 +111,38 @@ def boot(cluster: Any, timeout: float) -> None:
 # --------------------------------------------------------------------------- node loss
 
 
+def steady_on(cluster: Any, port: int, give_up: float, trial: int) -> str:
+    """Every node up and ``PKG`` answering HTTP from its node; that node's name."""
+    view = cluster.wait(
+        lambda v: all(v["nodes"][n]["state"] == "up" for n in NODES) and on(v, PKG),
+        give_up,
+        "every node up and the package running",
+    )
+    victim = on(view, PKG)
+    assert victim is not None
+    deadline = time.monotonic() + give_up
+    while not (http_answer(port) or "").startswith(victim + " "):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"trial {trial}: the service on {victim} does not answer")
+        time.sleep(0.01)
+    return victim
+
+
+def answer_elsewhere(
+    port: int, victim: str, give_up: float, trial: int, every: float = 0.01
+) -> tuple[str, int]:
+    """Poll HTTP every ``every`` s until a node other than ``victim`` answers:
+    (that node, ``time.monotonic_ns()`` of the answer); RuntimeError after ``give_up``."""
+    deadline = time.monotonic() + give_up
+    while True:
+        answer = http_answer(port, timeout=0.1)
+        if answer and not answer.startswith(victim + " "):
+            return answer.split()[0], time.monotonic_ns()
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"trial {trial}: no answer from another node after {give_up}s")
+        time.sleep(every)
+
+
 def node_loss_trials(
     cluster: Any, log: Path, port: int, trials: int, ttl: float, give_up: float
 ) -> list[dict[str, Any]]:
@@ -120,31 +152,10 @@ def node_loss_trials(
     boot(cluster, give_up)
     samples: list[dict[str, Any]] = []
     for i in range(trials):
-        view = cluster.wait(
-            lambda v: all(v["nodes"][n]["state"] == "up" for n in NODES) and on(v, PKG),
-            give_up,
-            "every node up and the package running",
-        )
-        victim = on(view, PKG)
-        assert victim is not None
-        deadline = time.monotonic() + give_up
-        while not (http_answer(port) or "").startswith(victim + " "):
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"trial {i}: the service on {victim} does not answer")
-            time.sleep(0.01)
+        victim = steady_on(cluster, port, give_up, i)
         time.sleep(random.uniform(0, ttl / 3))  # the kill's phase between two renewals
         t0 = cluster.kill_node(victim)
-        answer = None
-        deadline = time.monotonic() + give_up
-        while True:
-            answer = http_answer(port)
-            if answer and not answer.startswith(victim + " "):
-                t_http = time.monotonic_ns()
-                break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"trial {i}: no answer from another node after {give_up}s")
-            time.sleep(0.01)
-        new = answer.split()[0]
+        new, t_http = answer_elsewhere(port, victim, give_up, i)
         started = [
             r.t for r in read_records(log) if r.kind == "start" and r.node == new and r.t > t0
         ]
