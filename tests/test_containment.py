@@ -430,3 +430,42 @@ def test_a_sentinel_that_does_not_read_is_replaced(c: LocalCluster) -> None:
     wait_until_sync(lambda: not procfs.pid_alive(old), 5, what="the old sentinel gone")
     assert c.package("busy")["state"] == "running"
     assert "FENCING" not in c.agent_log("n1")
+
+
+@needs_cgroups
+@pytest.mark.parametrize("die_with_parent", [True, False], ids=["pre-exec hook", "vfork + sh"])
+def test_spawned_command_runs_in_its_cgroup_from_its_first_instruction(
+    tmp_path: Path, die_with_parent: bool
+) -> None:
+    """Both ways :func:`spawn` starts a command (a pre-exec hook for services; vfork
+    and ``/bin/sh`` joining the cgroup for commands run to completion) put it in its
+    cgroup before it runs: the command's own first act, reading /proc/self/cgroup,
+    names the cgroup, argv[0] is kept, and a missing program is one clear line."""
+    from vigil.errors import SpawnError
+    from vigil.supervise.spawner import spawn
+
+    hierarchy = find_hierarchy()
+    assert hierarchy is not None
+    cg = Cgroup.at(hierarchy, hierarchy / "vigil-test" / f"spawn-{os.getpid()}-{die_with_parent}")
+    out = tmp_path / "out"
+    script = tmp_path / "first-act"
+    script.write_text(f'#!/bin/sh\ncat /proc/self/cgroup > {out}\necho "$0" >> {out}\n')
+    script.chmod(0o755)
+    env = {"PATH": f"{tmp_path}:/usr/bin:/bin"}
+    try:
+        child = spawn(["first-act"], env=env, cgroup=cg, die_with_parent=die_with_parent)
+        wait_until_sync(lambda: child.poll() is not None, 10, what="the command's exit")
+        assert child.returncode == 0
+        lines = out.read_text().splitlines()  # it has exited: the report is complete
+        argv0 = lines[-1]
+        assert f"0::{cg.rel}" in lines, lines  # the v2 line (hybrid hosts list v1 too)
+        assert argv0 == f"{tmp_path}/first-act" or argv0 == "first-act", argv0
+        with pytest.raises(SpawnError, match=r"^cannot run no-such-program: No such file"):
+            spawn(["no-such-program"], env=env, cgroup=cg, die_with_parent=die_with_parent)
+        script.chmod(0o644)
+        with pytest.raises(SpawnError, match=r"^cannot run first-act: "):
+            spawn(["first-act"], env=env, cgroup=cg, die_with_parent=die_with_parent)
+    finally:
+        cg.kill()
+        cg.wait_empty_sync(5)
+        cg.remove()

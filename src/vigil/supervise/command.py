@@ -66,7 +66,15 @@ async def run_command(
     if registry is not None and not registry.may_spawn():
         return CommandResult(None, False, 0.0, f"{argv[0]}: not run, this node is fenced")
     try:
-        child = spawn(argv, env=env, cwd=cwd, user=user, log_path=log_path, cgroup=cgroup)
+        child = spawn(
+            argv,
+            env=env,
+            cwd=cwd,
+            user=user,
+            log_path=log_path,
+            cgroup=cgroup,
+            die_with_parent=False,  # the sentinel kills it with its cgroup / group
+        )
     except SpawnError as exc:
         return CommandResult(None, False, loop.time() - t0, str(exc))
     if registry is not None:

@@ -34,6 +34,7 @@ import logging
 import os
 import pwd
 import resource
+import shutil
 import signal
 import subprocess
 import time
@@ -529,7 +530,10 @@ def spawn(
     ``cgroup``: the process is moved into it before it runs any of ``argv``'s code,
     so everything it forks is born there. ``stdin`` is a descriptor to read from
     instead of ``/dev/null`` (the sentinel's pipe); ``die_with_parent=False`` leaves
-    out PR_SET_PDEATHSIG (only for the sentinel), which also inherits ``pass_fds``.
+    out PR_SET_PDEATHSIG (the sentinel, which also inherits ``pass_fds``, and commands
+    run to completion, which the sentinel kills). A command that needs none of
+    identity, limits, umask, PR_SET_PDEATHSIG or ``pass_fds`` is started without a
+    pre-exec hook (see :func:`_spawn_plain`).
     """
     if not argv:
         raise SpawnError("cannot run an empty command")
@@ -551,6 +555,8 @@ def spawn(
             raise SpawnError(
                 f"cannot run {program}: cannot use cgroup {cgroup.path}: {exc.strerror}"
             ) from None
+    if not die_with_parent and identity is None and not rl and umask is None and not pass_fds:
+        return _spawn_plain(argv, env, cwd, cgroup, log_path, stdin)
     err_r, err_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
     out = _open_log(log_path)
     try:
@@ -585,6 +591,69 @@ def spawn(
         for fd in (out, err_r, err_w, procs_fd):
             if fd is not None:
                 os.close(fd)
+    return Child(popen, argv, cgroup)
+
+
+#: How a child forked without a pre-exec hook joins its cgroup: the shell writes its
+#: own PID to ``cgroup.procs`` ($0), then becomes the command ("$@").
+_JOIN_CGROUP = 'echo 0 >"$0" || exit 126; exec "$@"'
+
+
+def _spawn_plain(
+    argv: Sequence[str],
+    env: Mapping[str, str],
+    cwd: str | Path | None,
+    cgroup: Cgroup | None,
+    log_path: str | Path | None,
+    stdin: int | None,
+) -> Child:
+    """:func:`spawn` for a command that needs nothing between fork and exec but its
+    cgroup: no identity, limits, umask or PR_SET_PDEATHSIG (monitors, scripts and hooks
+    run as root, which the sentinel kills with their cgroup or process group if the agent
+    dies). Without a ``preexec_fn`` Python forks with vfork, which does not copy the
+    agent's page tables: at 10 monitor runs a second that is most of an idle agent's
+    CPU. The cgroup is joined by ``/bin/sh`` (:data:`_JOIN_CGROUP`) before it execs the
+    command, so the command still runs none of its code outside it. A missing or
+    non-executable program is found here, so that the error stays one clear line."""
+    program = argv[0]
+    where = Path(cwd) if cwd is not None else Path.cwd()
+    found: str | None
+    if "/" in program:
+        path = program if os.path.isabs(program) else str(where / program)
+        found = path if os.path.isfile(path) else None
+    else:
+        found = shutil.which(program, path=env.get("PATH", os.defpath))
+    if found is None:
+        raise SpawnError(f"cannot run {program}: No such file or directory")
+    if not os.access(found, os.X_OK):
+        raise SpawnError(f"cannot run {program}: Permission denied (not an executable file?)")
+    if cwd is not None and not os.path.isdir(cwd):
+        raise SpawnError(f"cannot run {program}: working directory {cwd}: No such directory")
+    cmd = list(argv)
+    if cgroup is not None:
+        try:
+            cgroup.create()
+        except OSError as exc:
+            raise SpawnError(
+                f"cannot run {program}: cannot use cgroup {cgroup.path}: {exc.strerror}"
+            ) from None
+        cmd = ["/bin/sh", "-c", _JOIN_CGROUP, str(cgroup.path / "cgroup.procs"), *argv]
+    out = _open_log(log_path)
+    try:
+        popen = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL if stdin is None else stdin,
+            stdout=out,
+            stderr=out,
+            env=dict(env),
+            cwd=cwd,
+            close_fds=True,
+            start_new_session=True,
+        )
+    except OSError as exc:
+        raise SpawnError(_exec_error(program, cwd, None, exc)) from None
+    finally:
+        os.close(out)
     return Child(popen, argv, cgroup)
 
 
