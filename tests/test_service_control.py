@@ -176,6 +176,8 @@ def test_forking_service_is_up_while_its_daemon_lives(c: LocalCluster) -> None:
     new = c.package("d")["services"]["daemon"]["pid"]
     assert new not in (None, daemon) and new == int(pid_file.read_text())
     assert len(marked(marker)) == 1, "copies pile up"
+    c.vigil("package", "halt", "d", "--wait")
+    assert not pid_file.exists(), "the halted daemon's pid_file is left behind"
 
 
 def test_forking_pid_file_that_never_appears_fails_the_start(c: LocalCluster) -> None:
@@ -186,6 +188,21 @@ def test_forking_pid_file_that_never_appears_fails_the_start(c: LocalCluster) ->
     p = c.wait_state("d", "failed", 20)
     assert f"pid_file {pid_file} did not appear" in p["message"]
     assert "start_timeout" in p["message"] and "\n" not in p["message"]
+
+
+@pytest.mark.parametrize(("content", "expected"), [
+    ("1", "names PID 1, which cannot be the service's"),
+    ("garbage", "holds 'garbage', not a PID"),
+])  # fmt: skip
+def test_forking_pid_file_naming_no_daemon_fails_the_start(
+    c: LocalCluster, content: str, expected: str
+) -> None:
+    pid_file = c.root / "bad.pid"
+    forking(c, pid_file, f"echo {content} > {pid_file}\nexit 0\n", 'start_timeout = "1s"\n')
+    c.apply()
+    c.start_agents()
+    p = c.wait_state("d", "failed", 20)
+    assert f"pid_file {pid_file} {expected}" in p["message"], p["message"]
 
 
 def test_forking_start_command_that_fails_fails_the_start(c: LocalCluster) -> None:
@@ -253,6 +270,11 @@ def test_check_names_unknown_user_group_and_missing_cwd(c: LocalCluster) -> None
         ),
         ("stop_signal", '"SIGTERMINATE"', 'stop_signal: expected a signal name like "SIGTERM"'),
         ("umask", '"0899"', 'umask: expected an octal umask like "0027"'),
+        (
+            "umask",
+            "27",
+            'umask: expected an octal umask in a string like "0027", got the number 27',
+        ),
         ("limit_nofile", '"lots"', "limit_nofile: expected a non-negative integer"),
         (
             "limit_nofile",

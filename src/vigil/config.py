@@ -237,12 +237,13 @@ StopSignal = Annotated[str, BeforeValidator(_stop_signal)]
 
 
 def _umask(v: object) -> int:
-    """``umask``: octal digits in a string, ``"0027"`` (systemd's ``UMask=``), or a TOML
-    octal integer ``0o027``."""
-    if isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 0o777:
-        return v
+    """``umask``: 3 or 4 octal digits in a string, ``"0027"`` (systemd's ``UMask=``).
+    A TOML number is refused: ``umask = 27`` parses as decimal 27 (octal 033), not
+    what its writer meant, and ``0o027`` cannot be told from it once parsed."""
     if isinstance(v, str) and re.fullmatch(r"[0-7]{3,4}", v):
         return int(v, 8)
+    if isinstance(v, int) and not isinstance(v, bool):
+        raise ValueError(f'expected an octal umask in a string like "0027", got the number {v}')
     raise ValueError(f'expected an octal umask like "0027", got {v!r}')
 
 

@@ -197,12 +197,24 @@ class ServiceSupervisor:
         if gone:
             if main is not None:
                 self._forget(main)
+            self._remove_pid_file(main)
             self._set(ServiceState.STOPPED)
         else:
             self.failure = f"processes of service {self.name} survived SIGKILL"
             self._set(ServiceState.FAILED)
         self._notify()
         return gone
+
+    def _remove_pid_file(self, main: Main) -> None:
+        """After a forking service stopped: remove its ``pid_file`` if it still names
+        the daemon that stopped (as systemd does for ``PIDFile=``), so that nothing
+        takes a stale file for a live daemon. A file naming another PID is left."""
+        if self.spec.type != "forking" or self.spec.pid_file is None:
+            return
+        pid_file = Path(self.spec.pid_file)
+        if _read_pid(pid_file)[0] == main.pid:
+            with contextlib.suppress(OSError):
+                pid_file.unlink()
 
     # ----------------------------------------------------------------- starting
 
@@ -285,6 +297,8 @@ class ServiceSupervisor:
                         return Adopted(pid, self.spec.command, self._cgroup)
                     except OSError:
                         problem = f"pid_file {pid_file} names PID {pid}, which has exited"
+            elif text is not None and text in ("0", "1"):
+                problem = f"pid_file {pid_file} names PID {text}, which cannot be the service's"
             elif text is not None:
                 problem = f"pid_file {pid_file} holds {text[:40]!r}, not a PID"
             if loop.time() >= deadline:
