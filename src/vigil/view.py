@@ -6,7 +6,9 @@ This is the shape of ``vigil status --json`` (CONCEPTS §9)::
      "nodes": {NAME: {"state": "up"|"down"|"halted", "pid": INT|null,
                       "containment": "cgroup"|"process-group"|null}},
      "packages": {NAME: {"state": ..., "node": NAME|null, "auto_run": bool,
-                         "halt_reason": ..., "degraded": bool, "stale": bool, ...,
+                         "halt_reason": ..., "degraded": bool, "stale": bool,
+                         "definition": DIGEST|null, "applied_definition": DIGEST|null,
+                         "restarts": INT, ...,
                          "services": {NAME: {"pid": INT|null, "restarts": INT}}}},
      "problems": ["store key KEY: what is wrong", ...]}   # records left out
 
@@ -14,6 +16,11 @@ A node is listed while it is up, listed in cluster.toml's ``nodes``, or remember
 a member (it joined once; ``vigil node remove`` forgets it): a member that is not up
 is ``down``. A package is ``stale`` while it runs (or starts, halts, ...) with an
 older definition than the applied one: ``vigil package restart`` applies it.
+``definition`` is the fingerprint (``PackageSpec.digest()``) of the definition the
+current run started with, ``applied_definition`` that of the applied one. A package's
+``restarts`` counts its restarts in place by a monitor's action ``restart`` within its
+restart window; each service's ``restarts`` its own process restarts (the table's
+RESTARTS column is their sum).
 """
 
 from __future__ import annotations
@@ -96,6 +103,8 @@ def cluster_view(snap: Snapshot) -> dict[str, Any]:
             "disabled_nodes": list(admin.disabled_nodes),
             "failed_nodes": sorted(admin.failed_nodes),
             "stale": bool(live and spec and st.definition and st.definition != spec.digest()),
+            "definition": st.definition if live and st.definition else None,
+            "applied_definition": spec.digest() if spec else None,
             "restart_generation": st.restart_generation,
             "configured": spec is not None,
             "message": message,
