@@ -58,6 +58,8 @@ def test_stale_until_package_restart_applies_the_new_definition(cluster: LocalCl
     assert "takes effect when it next starts" in out.stdout
     p = c.status_json()["packages"]["app"]
     assert p["stale"] is True and p["services"]["svc"]["pid"] == pid  # apply disturbs nothing
+    assert p["definition"] and p["applied_definition"]
+    assert p["definition"] != p["applied_definition"]
     human = c.vigil("status").stdout
     assert "(stale)" in human and "vigil package restart app" in human
     # a service restart is not a package start: still the old definition
@@ -69,6 +71,7 @@ def test_stale_until_package_restart_applies_the_new_definition(cluster: LocalCl
     assert starts(svc)[-1] == "restart 2" and starts(scr)[-1] == "restart 2"
     p = c.status_json()["packages"]["app"]
     assert (p["state"], p["start_reason"], p["stale"]) == ("running", "restart", False)
+    assert p["definition"] == p["applied_definition"]
     assert "(stale)" not in c.vigil("status").stdout
 
 
