@@ -62,6 +62,12 @@ def test_stale_until_package_restart_applies_the_new_definition(cluster: LocalCl
     assert p["definition"] != p["applied_definition"]
     human = c.vigil("status").stdout
     assert "(stale)" in human and "vigil package restart app" in human
+    # applying the running definition again: said so, not stale any more
+    write(c, "1")
+    assert "app: changed back to the definition it runs with" in c.apply().stdout
+    assert c.status_json()["packages"]["app"]["stale"] is False
+    write(c, "2")
+    c.apply()
     # a service restart is not a package start: still the old definition
     os.kill(pid, signal.SIGKILL)
     c.wait(lambda v: len(starts(svc)) == 2, what="service restarted")

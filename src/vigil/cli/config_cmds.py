@@ -176,6 +176,9 @@ async def apply_tree(store: Store, tree: ConfigTree) -> list[str]:
             continue
         if old is None:
             notes.append(f"package {name}: added")
+        elif name in snap.owners and snap.status_of(name).definition == spec.digest():
+            notes.append(f"package {name}: changed back to the definition it runs with "
+                         f"on {snap.owners[name]}")  # fmt: skip
         elif name in snap.owners:
             notes.append(f"package {name}: changed; running on {snap.owners[name]}, the change "
                          "takes effect when it next starts")  # fmt: skip
