@@ -785,6 +785,8 @@ def parse_package(data: dict[str, Any], where: str) -> PackageSpec:
 
 def load_cluster(config_dir: Path) -> ClusterSpec:
     """``DIR/cluster.toml``; a ConfigError (one line) if it cannot be read or is wrong."""
+    if os.path.lexists(config_dir) and not config_dir.is_dir():
+        raise ConfigError(str(config_dir), "not a directory (the configuration directory)")
     path = config_dir / "cluster.toml"
     where = str(path)
     try:
