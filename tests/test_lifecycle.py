@@ -234,3 +234,23 @@ def test_scripts_get_the_vigil_environment(cluster: LocalCluster) -> None:
     shell = cluster.vigil("package", "env", "web", "--shell").stdout
     assert "export VIGIL_PACKAGE=web" in shell
     assert "export EXTRA='x y'" in shell
+
+
+def test_agent_stopping_moves_its_packages_as_a_failover(two_nodes: LocalCluster) -> None:
+    """SIGTERM to vigild halts its packages (``user_halt``, recorded ``node_left``) and
+    leaves the cluster; the package then starts on the other node, whose scripts must
+    be told it is a failover (journal recovery and the like), not an operator's start.
+    An operator's halt and start stays ``user`` (test above)."""
+    c = two_nodes
+    c.write_script("s.sh", 'echo "$1 $VIGIL_NODE $VIGIL_START_REASON" >> "$RECORD"\nexit 0\n')
+    package(c, script_section("s") + SERVICE)
+    c.start_agents()
+    c.wait(lambda v: all(v["nodes"][n]["state"] == "up" for n in c.nodes), what="nodes up")
+    c.apply()
+    first = c.wait_state("web", "running")["node"]
+    other = next(n for n in c.nodes if n != first)
+    c.stop_agent(first)
+    p = c.wait(lambda v: v["packages"]["web"]["node"] == other and
+               v["packages"]["web"]["state"] == "running")["packages"]["web"]  # fmt: skip
+    assert p["start_reason"] == "failover"
+    assert record(c)[-1] == f"start {other} failover"

@@ -102,6 +102,9 @@ class PackageStatus(_Record):
     # which applied definition this run started with (PackageSpec.digest(); "" before
     # it started): `vigil status` shows "stale" while the applied one differs
     definition: str = ""
+    #: Halted because its node's agent was stopping (SIGTERM): the package moves on as
+    #: after ``vigil node halt --failover``, and its next start elsewhere is a failover.
+    node_left: bool = False
     restart_generation: int = 0  # the operator restarts (AdminRecord) carried out
     services: dict[str, ServiceStatus] = Field(default_factory=dict)
     monitors: dict[str, MonitorStatus] = Field(default_factory=dict)

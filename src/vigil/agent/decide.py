@@ -54,6 +54,8 @@ class LocalPackage:
 def start_reason(status: PackageStatus, node: str) -> StartReason:
     if status.node is None:
         return StartReason.BOOT
+    if status.node != node and status.node_left:
+        return StartReason.FAILOVER  # as plan.planner.start_reason_for
     if status.halt_reason == HaltReason.USER_HALT:
         return StartReason.USER
     if status.node != node:

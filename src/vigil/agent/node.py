@@ -102,6 +102,7 @@ class Held:
     cleared_generation: int = 0
     restart_generation: int = 0
     definition: str = ""  # spec.digest() of the definition this run started with
+    node_left: bool = False  # halted because this agent is stopping (PackageStatus)
     degraded: bool = False
     since: float = field(default_factory=time.time)
     monitors: dict[str, MonitorStatus] = field(default_factory=dict)
@@ -352,6 +353,7 @@ class Agent:
                 PackageState.MAINTENANCE,
                 PackageState.DETACHED,
             ):
+                h.node_left = True
                 await self._halt(pkg, HaltReason.USER_HALT, "node agent stopping")
         await self._flush_dirty()
         await self._give_up_lease()
@@ -915,6 +917,7 @@ class Agent:
             since=held.since,
             restarts=len(held.package_restarts),
             definition=held.definition,
+            node_left=held.node_left,
             restart_generation=held.restart_generation,
             services=held.runner.service_status(),
             monitors=held.runner.monitor_status(held.monitors),

@@ -188,11 +188,16 @@ def planning_order(packages: dict[str, PackageSpec]) -> list[str]:
 
 
 def start_reason_for(snap: Snapshot, pkg: str, node: str) -> StartReason:
+    """Why ``pkg`` starts on ``node`` (``VIGIL_START_REASON``), from where it last ran:
+    nowhere yet → boot; another node that was halted (``node halt --failover``) or whose
+    agent stopped (``PackageStatus.node_left``) → failover, although that node halted it
+    as ``user_halt``; halted by an operator → user; another node → failover; this
+    node → boot."""
     st = snap.status_of(pkg)
     if st.node is None:
         return StartReason.BOOT
-    if st.node != node and snap.node_halted(st.node):
-        return StartReason.FAILOVER  # its node was halted with --failover
+    if st.node != node and (snap.node_halted(st.node) or st.node_left):
+        return StartReason.FAILOVER  # its node was halted with --failover, or left
     if st.halt_reason == HaltReason.USER_HALT:
         return StartReason.USER
     if st.node != node:
