@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 import benchlib
-from failover import NODES, PKG, answer_elsewhere, free_port, steady_on
+from failover import NODES, PKG, answer_elsewhere, free_port, start_etcd, steady_on
 
 NAME = "agent_death"
 MODES = ("cgroup", "process-group")
@@ -135,15 +135,10 @@ def run(args: argparse.Namespace) -> int:
         for kind in args.stores.split(","):
             url = None
             if kind == "etcd":
-                from vigil.testing.etcd import EtcdCluster, etcd_version, find_etcd
-
-                binary = find_etcd()
-                if binary is None:
-                    print("etcd: skipped (no etcd binary)", flush=True)
+                etcd = start_etcd(work, results)
+                if etcd is None:
                     continue
-                etcd = EtcdCluster(work / "etcd", members=3, binary=binary)
                 url = etcd.url
-                results["etcd_version"] = etcd_version(binary)
             results["stores"][kind] = {}
             for mode in args.modes.split(","):
                 try:

@@ -111,6 +111,22 @@ def boot(cluster: Any, timeout: float) -> None:
 # --------------------------------------------------------------------------- node loss
 
 
+def start_etcd(work: Path, results: dict[str, Any]) -> Any | None:
+    """A 3-member etcd under ``work/etcd`` (its version noted in ``results``), or None
+    (said on stdout) when there is no etcd binary."""
+    try:
+        from vigil.testing.etcd import EtcdCluster, etcd_version, find_etcd
+    except ImportError as exc:
+        print(f"etcd: skipped ({exc})", flush=True)
+        return None
+    binary = find_etcd()
+    if binary is None:
+        print("etcd: skipped (no etcd binary)", flush=True)
+        return None
+    results["etcd_version"] = etcd_version(binary)
+    return EtcdCluster(work / "etcd", members=3, binary=binary)
+
+
 def steady_on(cluster: Any, port: int, give_up: float, trial: int) -> str:
     """Every node up and ``PKG`` answering HTTP from its node; that node's name."""
     view = cluster.wait(
@@ -489,18 +505,10 @@ def run(args: argparse.Namespace) -> int:
         for kind in args.stores.split(",") if "pidns" in args.layouts else []:
             url = None
             if kind == "etcd":
-                try:
-                    from vigil.testing.etcd import EtcdCluster, etcd_version, find_etcd
-                except ImportError as exc:
-                    print(f"etcd: skipped ({exc})", flush=True)
+                etcd = start_etcd(work, results)
+                if etcd is None:
                     continue
-                binary = find_etcd()
-                if binary is None:
-                    print("etcd: skipped (no etcd binary)", flush=True)
-                    continue
-                etcd = EtcdCluster(work / "etcd", members=3, binary=binary)
                 url = etcd.url
-                results["etcd_version"] = etcd_version(binary)
             elif kind != "sqlite":
                 raise SystemExit(f"bench: --stores: unknown store {kind!r}")
             try:
