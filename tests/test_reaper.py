@@ -46,11 +46,26 @@ def test_a_newer_write_restarts_the_clock() -> None:
 
 
 def test_own_unreadable_and_leaseless_heartbeats_are_left_alone() -> None:
-    clock = HeartbeatClock()
+    clock = HeartbeatClock(skip=KEYS.heartbeat("n1"))
     junk = KeyValue(KEYS.heartbeat("n3"), b"{not json", 1, 4, 1, 7)
     beats = [beat("n1", 3), junk, beat("n4", 2, lease=0)]
-    clock.observe(beats, 0.0, skip=KEYS.heartbeat("n1"))
-    assert clock.observe(beats, 99.0, skip=KEYS.heartbeat("n1")) == []
+    clock.observe(beats, 0.0)
+    assert clock.observe(beats, 99.0) == []
+    assert clock.next_due() is None
+
+
+def test_the_watch_and_reads_count_whichever_shows_a_write_first() -> None:
+    """The watch shows revision 9 at t=1; a read from a lagging member still shows 8 at
+    t=2 (ignored) and then 9 at t=3 (seen already): n2 is silent from t=1 + ttl."""
+    clock = HeartbeatClock()
+    clock.observe([beat("n2", 8)], 0.0)
+    b9 = beat("n2", 9)
+    clock.saw(b9.key, b9.mod_revision, b9.lease, b9.value, 1.0)
+    assert clock.observe([beat("n2", 8)], 2.0) == []
+    assert clock.observe([b9], 3.9) == []
+    assert [s.mod_revision for s in clock.observe([b9], 4.0)] == [9]
+    clock.forget(b9.key)  # deleted (a watch DELETE event)
+    assert clock.next_due() is None
 
 
 def test_each_node_has_its_own_ttl_and_forgetting_starts_over() -> None:
@@ -128,8 +143,9 @@ def test_loop_revokes_a_silent_node_and_spares_a_live_one() -> None:
                     Put(KEYS.heartbeat(node), rec, leases[node]),
                 ],
             )
+        beats = HeartbeatClock(skip=KEYS.heartbeat("n1"))
         task = asyncio.create_task(
-            reap_silent_nodes(store, KEYS, "n1", 0.005, clock=lambda: now[0])
+            reap_silent_nodes(store, KEYS, beats, 0.005, clock=lambda: now[0])
         )
         before: list[str] = []
         for step in range(40):
@@ -147,3 +163,12 @@ def test_loop_revokes_a_silent_node_and_spares_a_live_one() -> None:
     before, after = asyncio.run(scenario())
     assert before == [KEYS.node("n1"), KEYS.node("n2"), KEYS.node("n3")]
     assert after == [KEYS.node("n1"), KEYS.node("n3")]
+
+
+def test_next_due_is_the_earliest_ttl_end_of_what_can_be_revoked() -> None:
+    clock = HeartbeatClock()
+    assert clock.next_due() is None
+    clock.observe([beat("n2", 5, ttl=2.0), beat("n3", 6, ttl=5.0), beat("n4", 1, lease=0)], 10.0)
+    assert clock.next_due() == 12.0
+    clock.observe([beat("n2", 7, ttl=2.0), beat("n3", 6, ttl=5.0)], 11.0)
+    assert clock.next_due() == 13.0

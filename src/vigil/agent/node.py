@@ -48,7 +48,7 @@ from vigil.agent.package import (
     PackageRunner,
     del_address,
 )
-from vigil.agent.reaper import reap_silent_nodes
+from vigil.agent.reaper import HeartbeatClock, reap_silent_nodes
 from vigil.config import ClusterSpec, PackageSpec
 from vigil.errors import Compacted, LeaseNotFound, StoreError, UsageError
 from vigil.keys import Keys
@@ -63,7 +63,7 @@ from vigil.model import (
     StartReason,
 )
 from vigil.snapshot import UNREADABLE, Snapshot, encode, read_snapshot
-from vigil.store import Compare, Delete, Get, Op, Put, Store
+from vigil.store import Compare, Delete, EventType, Get, Op, Put, Store, WatchEvent
 from vigil.supervise.command import run_captured
 from vigil.supervise.containment import KILL_WAIT, Mode, NodeContainment, PackageScope
 from vigil.supervise.monitor import MonitorVerdict
@@ -159,6 +159,7 @@ class Agent:
         self.peer_expiry = store.leases_extended_on_election
         self._heartbeat_created = 0
         self._heartbeats = 0
+        self.beats = HeartbeatClock(skip=self.keys.heartbeat(node))  # the peers' heartbeats
         self.held: dict[str, Held] = {}
         self.snapshot: Snapshot | None = None
         self._reconciled_at = -1  # the store revision the last reconcile read
@@ -214,8 +215,9 @@ class Agent:
                     asyncio.create_task(duty_loop(self, self.duties), name="duties"),
                 ]
                 if self.peer_expiry:
-                    every = self.cluster.node_timeout * RENEW_EVERY
-                    reaper = reap_silent_nodes(self.store, self.keys, self.node, every)
+                    every = self.cluster.node_timeout * RENEW_EVERY / 2
+                    self.beats = HeartbeatClock(skip=self.keys.heartbeat(self.node))
+                    reaper = reap_silent_nodes(self.store, self.keys, self.beats, every)
                     self._tasks.append(asyncio.create_task(reaper, name="reaper"))
                 stopped = asyncio.create_task(stop.wait())
                 fenced = asyncio.create_task(self._fenced.wait())
@@ -522,6 +524,9 @@ class Agent:
             try:
                 async for ev in self.store.watch(self.keys.root, rev):
                     rev = ev.revision
+                    if ev.key.startswith(self.keys.heartbeats):
+                        self._saw_heartbeat(ev)
+                        continue
                     if self._matters(ev.key, ev.value, seen):
                         self._trigger.set()
             except Compacted:
@@ -535,11 +540,18 @@ class Agent:
                 await asyncio.sleep(self.cluster.node_timeout / 6)
                 self._trigger.set()
 
+    def _saw_heartbeat(self, ev: WatchEvent) -> None:
+        """A peer's heartbeat write, as it was committed (agent/reaper.py)."""
+        if ev.type is EventType.PUT:
+            self.beats.saw(ev.key, ev.revision, ev.lease, ev.value, time.monotonic())
+        else:
+            self.beats.forget(ev.key)
+
     def _matters(self, key: str, value: bytes, seen: dict[str, tuple[object, ...]]) -> bool:
         """Whether a store change can change a decision. Events never do; a status
         write only when the state, node or degraded flag changed (service restart
         counts and monitor details are for operators)."""
-        if key.startswith(self.keys.events) or key.startswith(self.keys.heartbeats):
+        if key.startswith(self.keys.events):
             return False
         if key.startswith(self.keys.statuses) and value:
             try:

@@ -15,9 +15,10 @@ the store's expiry gives.
   create revision to be the one the node created when it joined. A renewal counts
   only if both the keepalive and this write succeed, and the node kills its
   packages by ``FENCE_AT * ttl`` after sending its last good one.
-- Every agent reads the heartbeat keys every renewal interval and notes, on its own
-  monotonic clock, when it first saw each key's current ``mod_revision``: after
-  that write was committed, so after it was sent.
+- Every agent notes, on its own monotonic clock, when it first saw each key's
+  newest ``mod_revision``: in its watch (which shows a write as it is committed) or
+  in a read of every heartbeat key, twice per renewal interval and when a ttl runs
+  out (a watch can lag). Either way that is after the write was sent.
 - Once the writer's ``ttl`` (in the record) has passed since then with no newer
   write, the agent deletes the key in a transaction that requires that same
   ``mod_revision``, then revokes the node's lease (its node key, owner keys, the
@@ -50,6 +51,8 @@ from vigil.store import Compare, Delete, KeyValue, Store
 
 log = logging.getLogger("vigil.agent")
 
+TIMER_SLACK = 0.005  # read a little after a ttl runs out, so that it has passed
+
 
 @dataclass(frozen=True, slots=True)
 class Silent:
@@ -64,34 +67,61 @@ class Silent:
     silent_for: float
 
 
+@dataclass(slots=True)
+class _Seen:
+    mod_revision: int
+    lease: int
+    ttl: float
+    since: float  # when this agent first saw this write
+
+
 class HeartbeatClock:
-    """When this agent first saw each node's current heartbeat write. Pure: the caller
-    passes ``now`` (monotonic seconds, read after the heartbeats were read)."""
+    """When this agent first saw each node's newest heartbeat write, from reads of every
+    heartbeat key (``observe``) and from the agent's watch (``saw``), whichever shows
+    a write first. Pure: the caller passes ``now`` (monotonic seconds, read after
+    the heartbeat was read or its event received)."""
 
-    def __init__(self) -> None:
-        self._seen: dict[str, tuple[int, float]] = {}  # key -> (mod_revision, first seen)
+    def __init__(self, skip: str = "") -> None:
+        self._skip = skip  # this agent's own heartbeat key
+        self._seen: dict[str, _Seen] = {}
 
-    def observe(self, beats: Iterable[KeyValue], now: float, *, skip: str = "") -> list[Silent]:
-        """Note ``beats`` (every heartbeat key, read before ``now``); return the nodes
-        silent for at least their ``ttl``, except the one whose key is ``skip``."""
-        current: dict[str, tuple[int, float]] = {}
-        silent = []
+    def saw(self, key: str, mod_revision: int, lease: int, value: bytes, now: float) -> None:
+        """A heartbeat write (a read key or a watch event). An older write than one
+        seen already (a lagging member's read) changes nothing."""
+        if key == self._skip or not lease:
+            return  # without a lease there is nothing to revoke: the store's expiry applies
+        old = self._seen.get(key)
+        if old is not None and old.mod_revision >= mod_revision:
+            return
+        try:
+            rec = HeartbeatRecord.model_validate_json(value, strict=True)
+        except ValidationError:
+            self._seen.pop(key, None)  # unreadable: the same
+            return
+        self._seen[key] = _Seen(mod_revision, lease, rec.ttl, now)
+
+    def observe(self, beats: Iterable[KeyValue], now: float) -> list[Silent]:
+        """Note ``beats`` (every heartbeat key, read before ``now``; nodes missing from
+        it are forgotten) and return the nodes silent for at least their ttl."""
+        found = {kv.key for kv in beats}
         for kv in beats:
-            if kv.key == skip:
-                continue
-            try:
-                rec = HeartbeatRecord.model_validate_json(kv.value, strict=True)
-            except ValidationError:
-                continue  # unreadable: the store's own expiry applies
-            rev, since = self._seen.get(kv.key, (0, now))
-            if rev != kv.mod_revision:
-                since = now
-            current[kv.key] = (kv.mod_revision, since)
-            if now - since >= rec.ttl and kv.lease:
-                node = kv.key.rpartition("/")[2]
-                silent.append(Silent(node, kv.key, kv.mod_revision, kv.lease, rec.ttl, now - since))
-        self._seen = current
-        return silent
+            self.saw(kv.key, kv.mod_revision, kv.lease, kv.value, now)
+        for key in [k for k in self._seen if k not in found]:
+            del self._seen[key]
+        return self.silent(now)
+
+    def silent(self, now: float) -> list[Silent]:
+        """The nodes whose newest write seen is at least their ttl old, by ``now``."""
+        return [
+            Silent(key.rpartition("/")[2], key, s.mod_revision, s.lease, s.ttl, now - s.since)
+            for key, s in sorted(self._seen.items())
+            if now - s.since >= s.ttl
+        ]
+
+    def next_due(self) -> float | None:
+        """When the first node seen so far would have been silent for its ttl, if none
+        writes again (monotonic seconds; None: no heartbeat seen)."""
+        return min((s.since + s.ttl for s in self._seen.values()), default=None)
 
     def forget(self, key: str) -> None:
         """The key was written again (or deleted) after it was seen: start over."""
@@ -117,25 +147,27 @@ async def reap(store: Store, s: Silent) -> bool:
 async def reap_silent_nodes(
     store: Store,
     keys: Keys,
-    node: str,
+    beats: HeartbeatClock,
     every: float,
     *,
     clock: Callable[[], float] = time.monotonic,
 ) -> None:
-    """Forever: every ``every`` seconds read the heartbeats and expire the lease of
-    each node silent for its ttl (module docstring). Store errors are retried."""
-    beats = HeartbeatClock()
-    own = keys.heartbeat(node)
+    """Forever: read the heartbeats every ``every`` seconds, and also when a node's ttl
+    runs out, and expire the lease of each node silent for its ttl (module
+    docstring). ``beats`` may also be fed by the caller's watch. Store errors are
+    retried."""
     unrevoked: set[int] = set()  # heartbeat deleted, lease revoke not confirmed yet
+    pause = every
     while True:
-        await asyncio.sleep(every)
+        await asyncio.sleep(pause)
+        pause = every
         try:
             for lease in sorted(unrevoked):
                 with contextlib.suppress(LeaseNotFound):
                     await store.lease_revoke(lease)
                 unrevoked.discard(lease)
             found, _ = await store.range(keys.heartbeats)
-            for s in beats.observe(found, clock(), skip=own):
+            for s in beats.observe(found, clock()):
                 if await reap(store, s):
                     unrevoked.add(s.lease)
                     with contextlib.suppress(LeaseNotFound):
@@ -145,3 +177,7 @@ async def reap_silent_nodes(
                     beats.forget(s.key)
         except StoreError as exc:
             log.debug("heartbeat check: %s; trying again", exc)
+            continue
+        due = beats.next_due()
+        if due is not None:
+            pause = min(every, max(0.0, due - clock()) + TIMER_SLACK)
