@@ -159,7 +159,10 @@ class Agent:
         self.peer_expiry = store.leases_extended_on_election
         self._heartbeat_created = 0
         self._heartbeats = 0
-        self.beats = HeartbeatClock(skip=self.keys.heartbeat(node))  # the peers' heartbeats
+        # the peers' heartbeats as this agent saw them: kept across a fence and rejoin
+        # (what was seen stays true), so that a peer lost in the same event that
+        # fenced this node is not given a whole new ttl from the rejoin
+        self.beats = HeartbeatClock(skip=self.keys.heartbeat(node))
         self.held: dict[str, Held] = {}
         self.snapshot: Snapshot | None = None
         self._reconciled_at = -1  # the store revision the last reconcile read
@@ -216,7 +219,6 @@ class Agent:
                 ]
                 if self.peer_expiry:
                     every = self.cluster.node_timeout * RENEW_EVERY / 2
-                    self.beats = HeartbeatClock(skip=self.keys.heartbeat(self.node))
                     reaper = reap_silent_nodes(self.store, self.keys, self.beats, every)
                     self._tasks.append(asyncio.create_task(reaper, name="reaper"))
                 stopped = asyncio.create_task(stop.wait())
