@@ -164,6 +164,7 @@ def host_cluster(hosts: dict[str, Host], root: Path, **kw: Any) -> LocalCluster:
     """A LocalCluster whose agents run in the lab's hosts (their network namespace and a
     PID namespace of their own), one node per host, named after it."""
 
+    from vigil.supervise.cgroup import find_hierarchy
     from vigil.testing.cluster import LocalCluster
 
     class HostCluster(LocalCluster):
@@ -171,7 +172,18 @@ def host_cluster(hosts: dict[str, Host], root: Path, **kw: Any) -> LocalCluster:
             log = (self.logs / f"{node}.log").open("ab")
             argv = [str(Path(sys.executable).with_name("vigild")), "--node", node,
                     "--config", str(self.config), "--log-level", "info"]  # fmt: skip
-            proc = hosts[node].popen(argv, pidns=True, stdout=log, stderr=log, env=self.env())
+            env = self.env()
+            hierarchy = find_hierarchy()
+            if self.cgroup_root is not None and hierarchy is not None:
+                # `ip netns exec` mounts a sysfs of its own, which hides the host's
+                # cgroup mounts: mount cgroup v2 where a booted machine has it, in the
+                # agent's own mount namespace (as the fault lab does), and name the
+                # same subtree there
+                inner = Path("/sys/fs/cgroup") / self.cgroup_root.relative_to(hierarchy)
+                env["VIGIL_CGROUP_ROOT"] = str(inner)
+                script = 'mount -t cgroup2 cgroup2 /sys/fs/cgroup 2>/dev/null; exec "$@"'
+                argv = ["sh", "-c", script, "sh", *argv]
+            proc = hosts[node].popen(argv, pidns=True, stdout=log, stderr=log, env=env)
             log.close()
             self.agents[node] = proc.popen
             self._init.pop(node, None)

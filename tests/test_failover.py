@@ -745,3 +745,60 @@ def test_host_of_the_first_member_lost_fails_over_within_bound(
         assert "FENCING" not in c.agent_log(n), c.agent_log(n)
     assert any("etcd: asking" in c.agent_log(n) for n in survivors)
     assert_no_overlap(log)
+
+
+def test_host_of_the_etcd_leader_lost_fails_over_within_bound(
+    backend: Backend, tmp_path: Path
+) -> None:
+    """Layout A, the worst case: the host that dies runs web, holds the controller role
+    and carries the etcd leader (member 0, the one every agent asks first; SIGSTOP:
+    silent, as when a machine loses power). The new etcd leader renews every lease
+    for its TTL plus the election timeout, so the dead node's lease would outlive it
+    by about an election; the survivors expire it themselves once they have seen no
+    heartbeat from it for node_timeout (agent/reaper.py), and web starts elsewhere
+    within node_timeout + 1 s of the loss. node_timeout is 5 x the test etcd's
+    election timeout, so that the survivors ride out the election
+    (docs/operations.md, "The etcd cluster")."""
+    if backend.kind != "etcd":
+        pytest.skip("etcd only")
+    etcd = backend.etcd
+    node_timeout = 3.0
+    c = LocalCluster(
+        tmp_path,
+        NODES,
+        name=f"fo{os.getpid()}-{next(_names)}",
+        node_timeout=f"{node_timeout:g}s",
+        store=backend.url,
+        isolate=True,
+    )
+    log = tmp_path / "witness.log"
+    try:
+        etcd.transfer_leader(0)
+        c.start_agents()
+        c.wait_nodes_up()
+        v = c.wait(lambda v: any(n["controller"] for n in v["nodes"].values()), what="a controller")
+        victim = next(n for n, rec in v["nodes"].items() if rec["controller"])
+        package(c, "web", log, nodes=[victim, *(n for n in NODES if n != victim)])
+        c.apply()
+        wait_running(c, "web", victim)
+        wait_alive(log, "web", victim)
+        assert etcd.leader() == 0, "the etcd leader moved before the test could kill it"
+        etcd.pause_member(0)
+        try:
+            t0 = c.kill_node(victim)
+            v = c.wait(lambda v: on(v, "web") not in (None, victim), FAILOVER, "web elsewhere")
+            wait_alive(log, "web", v["packages"]["web"]["node"])
+            new = starts_after(log, "web", t0)
+            assert new and new[0].node == on(v, "web")
+            took = (new[0].first - t0) / 1e9
+            # etcd's own expiry came about node_timeout + 2 x the election timeout late
+            assert took < node_timeout + 1.0, f"web started {took:.2f}s after the loss"
+        finally:
+            etcd.resume_member(0)
+        survivors = [n for n in NODES if n != victim]
+        for n in survivors:
+            assert "FENCING" not in c.agent_log(n), c.agent_log(n)
+        assert any(f"node {victim}: no heartbeat for" in c.agent_log(n) for n in survivors)
+        assert_no_overlap(log)
+    finally:
+        c.close()

@@ -126,8 +126,49 @@ def test_gives_up_before_the_lease_can_expire(mode: str) -> None:
 def test_lease_gone_and_stalled_agent_fence_at_once() -> None:
     store, armed = ScriptedStore(), []
     store.mode = "gone"
-    assert asyncio.run(lost_within(keeper(store, armed), 1.0)) == "node lease expired"
+    assert (asyncio.run(lost_within(keeper(store, armed), 1.0)) or "").startswith(
+        "node lease expired"
+    )
     store.mode = "ok"
     why = asyncio.run(lost_within(keeper(store, armed, stalled=True), 1.0))
     assert why == "the lease deadline passed (the agent was stalled)"
     assert armed == []
+
+
+def test_a_renewal_counts_only_with_its_heartbeat() -> None:
+    """Where peers expire a silent node's lease (etcd, agent/reaper.py), a renewal also
+    writes the heartbeat: while that write fails the sentinel is not re-armed, and
+    once a peer has deleted the heartbeat key the node fences at once."""
+    store, armed = ScriptedStore(), []
+    beats: list[str] = []
+    state = {"mode": "ok"}
+
+    async def heartbeat() -> None:
+        beats.append(state["mode"])
+        if state["mode"] == "fail":
+            raise StoreUnavailable("etcd unavailable: etcdserver: no leader")
+        if state["mode"] == "gone":
+            raise LeaseNotFound("a peer saw no heartbeat from this node for its ttl")
+
+    def make() -> LeaseKeeper:
+        return LeaseKeeper(
+            cast(Store, store), 0x42, TTL, arm=armed.append, stalled=lambda: False,
+            heartbeat=heartbeat,
+        )  # fmt: skip
+
+    async def failing() -> tuple[str, float]:
+        task = asyncio.create_task(make().renew_until_lost())
+        while not armed:
+            await asyncio.sleep(0.01)
+        state["mode"] = "fail"  # keepalives still succeed
+        why = await asyncio.wait_for(task, TTL * 2)
+        return why, time.monotonic()
+
+    why, gave_up = asyncio.run(failing())
+    assert why.startswith("cannot renew the node lease: etcd unavailable"), why
+    assert TTL * FENCE_SELF - 0.01 <= gave_up - armed[-1] < TTL
+    assert len(armed) == beats.index("fail")  # every ok round armed, no failed one did
+
+    state["mode"] = "gone"
+    why = asyncio.run(lost_within(make(), 1.0)) or ""
+    assert why.startswith("node lease expired (a peer saw no heartbeat"), why

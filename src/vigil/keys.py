@@ -4,6 +4,7 @@
 /vigil/CLUSTER/config/packages/PKG   PackageSpec (JSON), as applied
 /vigil/CLUSTER/nodes/NODE            NodeRecord, bound to the node's lease (present = up)
 /vigil/CLUSTER/members/NODE          MemberRecord: the node joined once (no lease: kept while down)
+/vigil/CLUSTER/heartbeat/NODE        HeartbeatRecord, rewritten every renewal (etcd only; agent/reaper.py)
 /vigil/CLUSTER/owner/PKG             name of the node running PKG, bound to its lease: the truth
 /vigil/CLUSTER/status/PKG            PackageStatus, written by the node acting on PKG
 /vigil/CLUSTER/admin/PKG             AdminRecord: switching and operator requests
@@ -44,6 +45,13 @@ class Keys:
 
     def node(self, name: str) -> str:
         return self.nodes + name
+
+    @property
+    def heartbeats(self) -> str:
+        return self.root + "heartbeat/"
+
+    def heartbeat(self, name: str) -> str:
+        return self.heartbeats + name
 
     @property
     def members(self) -> str:

@@ -76,6 +76,16 @@ class NodeRecord(_Record):
     containment: str = "process-group"
 
 
+class HeartbeatRecord(_Record):
+    """``heartbeat/NAME`` (etcd only), bound to the node's lease and written again with
+    every renewal. Its writer kills its packages within ``ttl`` seconds of sending the
+    last write that succeeded, so a peer that has seen no newer write for ``ttl``
+    seconds may revoke the node's lease (agent/reaper.py). ``seq`` counts the writes."""
+
+    ttl: float = Field(gt=0)
+    seq: int = Field(ge=0)
+
+
 class ServiceStatus(_Record):
     pid: int | None = None
     restarts: int = 0

@@ -12,7 +12,11 @@ rules, in fractions of ``node_timeout``:
   sentinel is armed to kill every package process at ``t + FENCE_AT * ttl`` unless a
   newer renewal re-arms it (even if the agent itself is stopped);
 - the agent gives up at ``FENCE_SELF`` after its last good renewal, earlier than the
-  sentinel, so that it usually acts first, and never waits for a renewal past that.
+  sentinel, so that it usually acts first, and never waits for a renewal past that;
+- where the store may keep a lease alive past its TTL (etcd, after an election), a
+  renewal also writes the node's heartbeat (``heartbeat``, agent/reaper.py) and
+  counts only if that succeeds too: peers expire the lease ``ttl`` after the last
+  heartbeat they saw, which is no earlier than ``ttl`` after it was sent.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from vigil.errors import LeaseNotFound, StoreError
 from vigil.store import Store
@@ -43,7 +47,9 @@ def renewal_budget(ttl: float, last_ok: float, now: float) -> float:
 class LeaseKeeper:
     """Renews ``lease`` through ``store`` until it is lost; ``arm(sent_at)`` is called
     after every good renewal, ``stalled()`` says the sentinel's deadline has passed
-    (the agent was stopped or starved for too long)."""
+    (the agent was stopped or starved for too long). ``heartbeat()``, if given, is
+    awaited after each keepalive, within the same budget; it raises LeaseNotFound
+    once a peer has expired the lease."""
 
     def __init__(
         self,
@@ -53,12 +59,14 @@ class LeaseKeeper:
         *,
         arm: Callable[[float], None],
         stalled: Callable[[], bool],
+        heartbeat: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.store = store
         self.lease = lease
         self.ttl = ttl
         self._arm = arm
         self._stalled = stalled
+        self._heartbeat = heartbeat
 
     async def renew_until_lost(self) -> str:
         """Renew on schedule; return why the lease is lost (the node must fence)."""
@@ -79,8 +87,10 @@ class LeaseKeeper:
             try:
                 async with asyncio.timeout(budget):
                     await self.store.lease_keepalive(self.lease)
-            except LeaseNotFound:
-                return "node lease expired"
+                    if self._heartbeat is not None:
+                        await self._heartbeat()
+            except LeaseNotFound as exc:
+                return f"node lease expired ({exc})"
             except (StoreError, TimeoutError) as exc:
                 why = str(exc) or f"no answer within {budget:.2f}s"
                 # The lease runs from the last renewal the store saw, which was sent at

@@ -10,7 +10,9 @@ Safety rules kept here:
 - every status write is fenced on the owner key's revision: losing the key
   (lease expired) means losing the right to write, and the package is killed;
 - if the lease cannot be renewed before it could expire elsewhere, the node kills
-  every package process (self-fencing) and rejoins when the store is back.
+  every package process (self-fencing) and rejoins when the store is back;
+- on etcd the agents also expire a silent peer's lease themselves, from its
+  heartbeats (agent/reaper.py), since a new etcd leader extends every lease.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from vigil.agent.decide import (
 from vigil.agent.duties import default_duties, duty_loop, run_on_join
 from vigil.agent.events import EventLog
 from vigil.agent.hooks import HookRunner
-from vigil.agent.lease import FENCE_AT, LeaseKeeper
+from vigil.agent.lease import FENCE_AT, RENEW_EVERY, LeaseKeeper
 from vigil.agent.package import (
     IP_TIMEOUT,
     AddressStep,
@@ -46,11 +48,13 @@ from vigil.agent.package import (
     PackageRunner,
     del_address,
 )
+from vigil.agent.reaper import HeartbeatClock, reap_silent_nodes
 from vigil.config import ClusterSpec, PackageSpec
-from vigil.errors import Compacted, StoreError, UsageError
+from vigil.errors import Compacted, LeaseNotFound, StoreError, UsageError
 from vigil.keys import Keys
 from vigil.model import (
     HaltReason,
+    HeartbeatRecord,
     MemberRecord,
     MonitorStatus,
     NodeRecord,
@@ -59,7 +63,7 @@ from vigil.model import (
     StartReason,
 )
 from vigil.snapshot import UNREADABLE, Snapshot, encode, read_snapshot
-from vigil.store import Compare, Delete, Op, Put, Store
+from vigil.store import Compare, Delete, EventType, Get, Op, Put, Store, WatchEvent
 from vigil.supervise.command import run_captured
 from vigil.supervise.containment import KILL_WAIT, Mode, NodeContainment, PackageScope
 from vigil.supervise.monitor import MonitorVerdict
@@ -150,6 +154,15 @@ class Agent:
         self.containment: NodeContainment | None = None
         self.registry: ProcessRegistry | None = None
         self.lease = 0
+        # peer expiry (agent/reaper.py): where the store may keep a lease alive past its
+        # TTL, every renewal also writes the heartbeat key created at join (revision)
+        self.peer_expiry = store.leases_extended_on_election
+        self._heartbeat_created = 0
+        self._heartbeats = 0
+        # the peers' heartbeats as this agent saw them: kept across a fence and rejoin
+        # (what was seen stays true), so that a peer lost in the same event that
+        # fenced this node is not given a whole new ttl from the rejoin
+        self.beats = HeartbeatClock(skip=self.keys.heartbeat(node))
         self.held: dict[str, Held] = {}
         self.snapshot: Snapshot | None = None
         self._reconciled_at = -1  # the store revision the last reconcile read
@@ -204,6 +217,10 @@ class Agent:
                     asyncio.create_task(self._flush_loop(), name="flush"),
                     asyncio.create_task(duty_loop(self, self.duties), name="duties"),
                 ]
+                if self.peer_expiry:
+                    every = self.cluster.node_timeout * RENEW_EVERY / 2
+                    reaper = reap_silent_nodes(self.store, self.keys, self.beats, every)
+                    self._tasks.append(asyncio.create_task(reaper, name="reaper"))
                 stopped = asyncio.create_task(stop.wait())
                 fenced = asyncio.create_task(self._fenced.wait())
                 done, _ = await asyncio.wait(
@@ -258,16 +275,25 @@ class Agent:
         mode = self.containment.mode.value if self.containment is not None else "process-group"
         record = encode(NodeRecord(name=self.node, pid=os.getpid(), containment=mode))
         member = Put(self.keys.member(self.node), encode(MemberRecord(name=self.node)))
+        ops: list[Op] = [member]
         deadline = time.monotonic() + 2 * ttl + 1
         granted = time.monotonic()
         self.lease = await self.store.lease_grant(ttl)
         self._arm(granted)
+        if self.peer_expiry:
+            self._heartbeats = 0
+            beat = encode(HeartbeatRecord(ttl=ttl, seq=0))
+            hb = self.keys.heartbeat(self.node)
+            ops += [Put(hb, beat, lease=self.lease), Get(hb)]  # its create revision
         while True:
             key = self.keys.node(self.node)
             res = await self.store.txn(
-                [Compare.absent(key)], [Put(key, record, lease=self.lease), member], []
+                [Compare.absent(key)], [Put(key, record, lease=self.lease), *ops], []
             )
             if res.succeeded:
+                found = res.responses[-1]
+                if self.peer_expiry and isinstance(found, list) and found:
+                    self._heartbeat_created = found[0].create_revision
                 break
             if time.monotonic() > deadline:
                 await self.store.lease_revoke(self.lease)
@@ -370,14 +396,28 @@ class Agent:
             self.registry.arm(renewed_at + self.cluster.node_timeout * FENCE_AT)
 
     async def _keepalive(self) -> None:
+        ttl = self.cluster.node_timeout
         keeper = LeaseKeeper(
             self.lease_store,
             self.lease,
-            self.cluster.node_timeout,
+            ttl,
             arm=self._arm,
             stalled=self._deadline_passed,
+            heartbeat=(lambda: self._heartbeat(ttl)) if self.peer_expiry else None,
         )
         self._fence(await keeper.renew_until_lost())
+
+    async def _heartbeat(self, ttl: float) -> None:
+        """Write this node's heartbeat (agent/reaper.py): only over the key this node
+        created when it joined; if a peer deleted it, the lease is as good as gone."""
+        self._heartbeats += 1
+        key = self.keys.heartbeat(self.node)
+        res = await self.lease_store.txn(
+            [Compare(key, "create", "==", self._heartbeat_created)],
+            [Put(key, encode(HeartbeatRecord(ttl=ttl, seq=self._heartbeats)), lease=self.lease)],
+        )
+        if not res.succeeded:
+            raise LeaseNotFound("a peer saw no heartbeat from this node for its ttl")
 
     def _deadline_passed(self) -> bool:
         """True once the sentinel's lease deadline passed: it has killed (or is killing)
@@ -486,6 +526,9 @@ class Agent:
             try:
                 async for ev in self.store.watch(self.keys.root, rev):
                     rev = ev.revision
+                    if ev.key.startswith(self.keys.heartbeats):
+                        self._saw_heartbeat(ev)
+                        continue
                     if self._matters(ev.key, ev.value, seen):
                         self._trigger.set()
             except Compacted:
@@ -498,6 +541,13 @@ class Agent:
                 log.warning("watch interrupted (%s); resuming from revision %d", exc, rev)
                 await asyncio.sleep(self.cluster.node_timeout / 6)
                 self._trigger.set()
+
+    def _saw_heartbeat(self, ev: WatchEvent) -> None:
+        """A peer's heartbeat write, as it was committed (agent/reaper.py)."""
+        if ev.type is EventType.PUT:
+            self.beats.saw(ev.key, ev.revision, ev.lease, ev.value, time.monotonic())
+        else:
+            self.beats.forget(ev.key)
 
     def _matters(self, key: str, value: bytes, seen: dict[str, tuple[object, ...]]) -> bool:
         """Whether a store change can change a decision. Events never do; a status

@@ -20,6 +20,8 @@ and passes the one contract suite in ``tests/test_store_contract.py``:
   seen (never a header revision). If that history is gone it raises
   ``Compacted``: the caller re-reads a snapshot with ``range`` and watches from
   its revision.
+- ``leases_extended_on_election`` says whether a lease may outlive its TTL after
+  its holder stopped renewing it (etcd: yes; see the attribute).
 - Unreachable store → ``StoreUnavailable``; unreadable contents → ``StoreCorrupt``.
 """
 
@@ -139,6 +141,11 @@ class TxnResult:
 @runtime_checkable
 class Store(Protocol):
     """See the module docstring for the contract every backend keeps."""
+
+    #: True where a lease may outlive its TTL after its holder stopped renewing it:
+    #: a new etcd leader renews every lease (by the TTL plus its election timeout), so
+    #: the agents expire a silent node's lease themselves (agent/reaper.py).
+    leases_extended_on_election: bool
 
     async def get(self, key: str) -> KeyValue | None: ...
 

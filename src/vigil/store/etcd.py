@@ -486,6 +486,10 @@ class EtcdStore:
     (and close) it there; using it on another loop raises RuntimeError.
     """
 
+    #: A new leader renews every lease: ``lessor.Promote`` gives each the full TTL
+    #: plus the election timeout from the moment it took over.
+    leases_extended_on_election = True
+
     def __init__(
         self,
         endpoints: Sequence[str],

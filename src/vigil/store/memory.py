@@ -61,7 +61,11 @@ class MemoryStore:
 
     ``history_limit`` bounds how many watch events are kept (at least that many,
     whole revisions); ``compact(revision)`` drops older history on demand.
+    Its leases expire exactly at their TTL; tests that need etcd's behaviour for the
+    agents set ``leases_extended_on_election`` on an instance.
     """
+
+    leases_extended_on_election = False
 
     def __init__(
         self, clock: Callable[[], float] = time.monotonic, *, history_limit: int = 10_000

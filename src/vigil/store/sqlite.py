@@ -180,6 +180,8 @@ class SQLiteStore:
     The file is opened lazily, on the first operation, in the store's own thread.
     """
 
+    leases_extended_on_election = False  # leases expire at their TTL (module docstring)
+
     def __init__(
         self,
         path: str | os.PathLike[str],
