@@ -23,6 +23,7 @@ shows, and passes once it is fixed (then the ``known_bug`` line can go).
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import os
@@ -38,6 +39,8 @@ from typing import Any
 
 import pytest
 
+from vigil.keys import Keys
+from vigil.store import open_store
 from vigil.testing.cluster import LocalCluster, View
 from vigil.testing.etcd import store_backend
 from vigil.testing.witness import (
@@ -538,6 +541,44 @@ def test_stopped_agent_is_fenced_before_failover_and_rejoins(c: LocalCluster, lo
     )
     late = [r for r in read_records(log) if r.node == "n1" and r.t > t_resumed]
     assert late == [], f"web ran on n1 again after it rejoined: {late[:3]}"
+    assert_no_overlap(log)
+
+
+def test_forged_heartbeat_ttl_does_not_expire_a_stalled_node_early(
+    c: LocalCluster, log: Path, backend: Backend
+) -> None:
+    """Any etcd client can write a node's heartbeat record. With n1's agent stopped
+    (SIGSTOP: its sentinel kills web 0.8 x node_timeout after the last renewal), its
+    record is rewritten with ttl 1 ms: the peers still wait their own node_timeout
+    from that write before they expire n1's lease, so web never runs twice
+    (agent/reaper.py; found by a new-user check, 1 s of double run before)."""
+    if backend.kind != "etcd":
+        pytest.skip("etcd only")
+    package(c, "web", log)
+    boot(c)
+    wait_running(c, "web", "n1")
+    wait_alive(log, "web", "n1")
+    key = Keys(c.name).heartbeat("n1")
+
+    async def forge() -> None:
+        store = open_store(backend.url)
+        try:
+            kv = await store.get(key)
+            assert kv is not None and kv.lease, f"no heartbeat key {key}"
+            await store.put(key, b'{"ttl":0.001,"seq":0}', kv.lease)
+        finally:
+            await store.close()
+
+    c.pause_agent("n1")
+    try:
+        asyncio.run(forge())
+        wait_running(c, "web", "n2", timeout=FAILOVER)
+        wait_alive(log, "web", "n2")
+    finally:
+        c.resume_agent("n1")
+    first, second = runs(log, "web")[:2]
+    assert (first.node, second.node) == ("n1", "n2")
+    assert first.last < second.first, "web ran on n1 and n2 at once"
     assert_no_overlap(log)
 
 

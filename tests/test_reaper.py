@@ -165,6 +165,18 @@ def test_loop_revokes_a_silent_node_and_spares_a_live_one() -> None:
     assert after == [KEYS.node("n1"), KEYS.node("n3")]
 
 
+def test_a_forged_short_ttl_counts_as_this_agents_node_timeout() -> None:
+    """Any etcd client can write a heartbeat record: a ttl shorter than the agent's own
+    node_timeout must not make a live (or merely stalled) node look dead sooner."""
+    clock = HeartbeatClock(min_ttl=3.0)
+    clock.observe([beat("n2", 5, ttl=0.001)], 0.0)
+    assert clock.observe([beat("n2", 5, ttl=0.001)], 2.9) == []
+    [s] = clock.observe([beat("n2", 5, ttl=0.001)], 3.0)
+    assert s.ttl == 3.0
+    clock.observe([beat("n2", 5, ttl=0.001), beat("n3", 1, ttl=5.0)], 3.0)  # longer: the writer's
+    assert clock.next_due() == 3.0 and [x.node for x in clock.silent(7.9)] == ["n2"]
+
+
 def test_next_due_is_the_earliest_ttl_end_of_what_can_be_revoked() -> None:
     clock = HeartbeatClock()
     assert clock.next_due() is None

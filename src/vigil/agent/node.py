@@ -162,7 +162,7 @@ class Agent:
         # the peers' heartbeats as this agent saw them: kept across a fence and rejoin
         # (what was seen stays true), so that a peer lost in the same event that
         # fenced this node is not given a whole new ttl from the rejoin
-        self.beats = HeartbeatClock(skip=self.keys.heartbeat(node))
+        self.beats = HeartbeatClock(self.keys.heartbeat(node), min_ttl=cluster.node_timeout)
         self.held: dict[str, Held] = {}
         self.snapshot: Snapshot | None = None
         self._reconciled_at = -1  # the store revision the last reconcile read
@@ -417,7 +417,10 @@ class Agent:
             [Put(key, encode(HeartbeatRecord(ttl=ttl, seq=self._heartbeats)), lease=self.lease)],
         )
         if not res.succeeded:
-            raise LeaseNotFound("a peer saw no heartbeat from this node for its ttl")
+            raise LeaseNotFound(
+                "this node's heartbeat key was deleted or replaced (by a peer that saw no "
+                "heartbeat from it for its ttl, or by hand)"
+            )
 
     def _deadline_passed(self) -> bool:
         """True once the sentinel's lease deadline passed: it has killed (or is killing)

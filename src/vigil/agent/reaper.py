@@ -19,7 +19,8 @@ the store's expiry gives.
   newest ``mod_revision``: in its watch (which shows a write as it is committed) or
   in a read of every heartbeat key, twice per renewal interval and when a ttl runs
   out (a watch can lag). Either way that is after the write was sent.
-- Once the writer's ``ttl`` (in the record) has passed since then with no newer
+- Once the writer's ``ttl`` (in the record; never less than the agent's own
+  ``node_timeout``, so that a forged record cannot shorten it) has passed since then with no newer
   write, the agent deletes the key in a transaction that requires that same
   ``mod_revision``, then revokes the node's lease (its node key, owner keys, the
   controller role if it held it: the usual failover follows). The delete only
@@ -81,8 +82,11 @@ class HeartbeatClock:
     a write first. Pure: the caller passes ``now`` (monotonic seconds, read after
     the heartbeat was read or its event received)."""
 
-    def __init__(self, skip: str = "") -> None:
+    def __init__(self, skip: str = "", min_ttl: float = 0.0) -> None:
         self._skip = skip  # this agent's own heartbeat key
+        # A record is only as trustworthy as whoever wrote it: a ttl below this
+        # agent's own node_timeout (a forged or corrupt record) counts as that.
+        self._min_ttl = min_ttl
         self._seen: dict[str, _Seen] = {}
 
     def saw(self, key: str, mod_revision: int, lease: int, value: bytes, now: float) -> None:
@@ -98,7 +102,7 @@ class HeartbeatClock:
         except ValidationError:
             self._seen.pop(key, None)  # unreadable: the same
             return
-        self._seen[key] = _Seen(mod_revision, lease, rec.ttl, now)
+        self._seen[key] = _Seen(mod_revision, lease, max(rec.ttl, self._min_ttl), now)
 
     def observe(self, beats: Iterable[KeyValue], now: float) -> list[Silent]:
         """Note ``beats`` (every heartbeat key, read before ``now``; nodes missing from
