@@ -743,6 +743,34 @@ def test_frozen_etcd_member_does_not_hold_up_failover(
     assert_no_overlap(log)
 
 
+def lose_controller_host_with_member0(
+    c: LocalCluster, log: Path, etcd: Any, *, before_loss: Callable[[], None] = lambda: None
+) -> tuple[str, float]:
+    """Layout A: the node holding the controller role runs web; etcd member 0 (the one
+    every agent asks first) goes silent (SIGSTOP, as when its host loses power) and
+    the node is killed. Returns the victim and how long until web started elsewhere
+    (s); checks that web started on the node status names."""
+    c.start_agents()
+    c.wait_nodes_up()
+    v = c.wait(lambda v: any(n["controller"] for n in v["nodes"].values()), what="a controller")
+    victim = next(n for n, rec in v["nodes"].items() if rec["controller"])
+    package(c, "web", log, nodes=[victim, *(n for n in NODES if n != victim)])
+    c.apply()
+    wait_running(c, "web", victim)
+    wait_alive(log, "web", victim)
+    before_loss()
+    etcd.pause_member(0)
+    try:
+        t0 = c.kill_node(victim)
+        v = c.wait(lambda v: on(v, "web") not in (None, victim), FAILOVER, "web elsewhere")
+        wait_alive(log, "web", v["packages"]["web"]["node"])
+        new = starts_after(log, "web", t0)
+        assert new and new[0].node == on(v, "web")
+        return victim, (new[0].first - t0) / 1e9
+    finally:
+        etcd.resume_member(0)
+
+
 def test_host_of_the_first_member_lost_fails_over_within_bound(
     c: LocalCluster, log: Path, backend: Backend
 ) -> None:
@@ -760,27 +788,10 @@ def test_host_of_the_first_member_lost_fails_over_within_bound(
     if etcd.leader() == 0:  # the leader's loss adds an election and etcd's lease
         etcd.stop_member(0)  # extension on top (bench/failover.py measures that)
         etcd.start_member(0)
-    c.start_agents()
-    c.wait_nodes_up()
-    v = c.wait(lambda v: any(n["controller"] for n in v["nodes"].values()), what="a controller")
-    victim = next(n for n, rec in v["nodes"].items() if rec["controller"])
-    package(c, "web", log, nodes=[victim, *(n for n in NODES if n != victim)])
-    c.apply()
-    wait_running(c, "web", victim)
-    wait_alive(log, "web", victim)
-    etcd.pause_member(0)
-    try:
-        t0 = c.kill_node(victim)
-        v = c.wait(lambda v: on(v, "web") not in (None, victim), FAILOVER, "web elsewhere")
-        wait_alive(log, "web", v["packages"]["web"]["node"])
-        new = starts_after(log, "web", t0)
-        assert new and new[0].node == on(v, "web")
-        took = (new[0].first - t0) / 1e9
-        # lease expiry (<= node_timeout) + etcd's expiry check (<= 0.5 s) + a renewal
-        # interval's worth of reacting; the silent member used to add up to 5 s
-        assert took < NODE_TIMEOUT + 2.0, f"web started {took:.2f}s after the loss"
-    finally:
-        etcd.resume_member(0)
+    victim, took = lose_controller_host_with_member0(c, log, etcd)
+    # lease expiry (<= node_timeout) + etcd's expiry check (<= 0.5 s) + a renewal
+    # interval's worth of reacting; the silent member used to add up to 5 s
+    assert took < NODE_TIMEOUT + 2.0, f"web started {took:.2f}s after the loss"
     survivors = [n for n in NODES if n != victim]
     for n in survivors:
         assert "FENCING" not in c.agent_log(n), c.agent_log(n)
@@ -815,27 +826,13 @@ def test_host_of_the_etcd_leader_lost_fails_over_within_bound(
     log = tmp_path / "witness.log"
     try:
         etcd.transfer_leader(0)
-        c.start_agents()
-        c.wait_nodes_up()
-        v = c.wait(lambda v: any(n["controller"] for n in v["nodes"].values()), what="a controller")
-        victim = next(n for n, rec in v["nodes"].items() if rec["controller"])
-        package(c, "web", log, nodes=[victim, *(n for n in NODES if n != victim)])
-        c.apply()
-        wait_running(c, "web", victim)
-        wait_alive(log, "web", victim)
-        assert etcd.leader() == 0, "the etcd leader moved before the test could kill it"
-        etcd.pause_member(0)
-        try:
-            t0 = c.kill_node(victim)
-            v = c.wait(lambda v: on(v, "web") not in (None, victim), FAILOVER, "web elsewhere")
-            wait_alive(log, "web", v["packages"]["web"]["node"])
-            new = starts_after(log, "web", t0)
-            assert new and new[0].node == on(v, "web")
-            took = (new[0].first - t0) / 1e9
-            # etcd's own expiry came about node_timeout + 2 x the election timeout late
-            assert took < node_timeout + 1.0, f"web started {took:.2f}s after the loss"
-        finally:
-            etcd.resume_member(0)
+
+        def leader_still_0() -> None:
+            assert etcd.leader() == 0, "the etcd leader moved before the test could kill it"
+
+        victim, took = lose_controller_host_with_member0(c, log, etcd, before_loss=leader_still_0)
+        # etcd's own expiry came about node_timeout + 2 x the election timeout late
+        assert took < node_timeout + 1.0, f"web started {took:.2f}s after the loss"
         survivors = [n for n in NODES if n != victim]
         for n in survivors:
             assert "FENCING" not in c.agent_log(n), c.agent_log(n)

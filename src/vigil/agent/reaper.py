@@ -40,7 +40,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from pydantic import ValidationError
@@ -104,7 +104,7 @@ class HeartbeatClock:
             return
         self._seen[key] = _Seen(mod_revision, lease, max(rec.ttl, self._min_ttl), now)
 
-    def observe(self, beats: Iterable[KeyValue], now: float) -> list[Silent]:
+    def observe(self, beats: Sequence[KeyValue], now: float) -> list[Silent]:
         """Note ``beats`` (every heartbeat key, read before ``now``; nodes missing from
         it are forgotten) and return the nodes silent for at least their ttl."""
         found = {kv.key for kv in beats}
@@ -166,19 +166,16 @@ async def reap_silent_nodes(
         await asyncio.sleep(pause)
         pause = every
         try:
-            for lease in sorted(unrevoked):
-                with contextlib.suppress(LeaseNotFound):
-                    await store.lease_revoke(lease)
-                unrevoked.discard(lease)
             found, _ = await store.range(keys.heartbeats)
             for s in beats.observe(found, clock()):
                 if await reap(store, s):
                     unrevoked.add(s.lease)
-                    with contextlib.suppress(LeaseNotFound):
-                        await store.lease_revoke(s.lease)
-                    unrevoked.discard(s.lease)
                 else:
                     beats.forget(s.key)
+            for lease in sorted(unrevoked):  # those of this round, and any left before
+                with contextlib.suppress(LeaseNotFound):
+                    await store.lease_revoke(lease)
+                unrevoked.discard(lease)
         except StoreError as exc:
             log.debug("heartbeat check: %s; trying again", exc)
             continue
