@@ -41,6 +41,20 @@ def dump(c: LocalCluster) -> dict[str, bytes]:
         return {k: bytes(v) for k, v in conn.execute("SELECT key, value FROM kv")}
 
 
+def settled_dump(c: LocalCluster, quiet: float = 0.5, timeout: float = 10.0) -> dict[str, bytes]:
+    """``dump`` once nothing has changed for ``quiet`` seconds: after a start the
+    controller still rewrites the assignment ("boot on N" becomes "running on N")."""
+    deadline = time.monotonic() + timeout
+    last, since = dump(c), time.monotonic()
+    while time.monotonic() - since < quiet:
+        assert time.monotonic() < deadline, "the store kept changing"
+        time.sleep(0.05)
+        now = dump(c)
+        if now != last:
+            last, since = now, time.monotonic()
+    return last
+
+
 def put(c: LocalCluster, key: str, value: bytes) -> None:
     """Write through vigil's own store API (a revision and a watch event)."""
 
@@ -242,7 +256,7 @@ def test_contradictory_and_meaningless_options(cluster: LocalCluster) -> None:
     cluster.apply()
     cluster.start_agents()
     cluster.wait_state("web", "running")
-    before = dump(cluster)
+    before = settled_dump(cluster)
     line = one_line(cluster.vigil("node", "halt", "node1", "--failover", "--detach", check=False))
     assert "--failover and --detach exclude each other" in line
     line = one_line(
