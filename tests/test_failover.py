@@ -831,8 +831,12 @@ def test_host_of_the_etcd_leader_lost_fails_over_within_bound(
             assert etcd.leader() == 0, "the etcd leader moved before the test could kill it"
 
         victim, took = lose_controller_host_with_member0(c, log, etcd, before_loss=leader_still_0)
-        # etcd's own expiry came about node_timeout + 2 x the election timeout late
-        assert took < node_timeout + 1.0, f"web started {took:.2f}s after the loss"
+        # Usually about node_timeout. If the lost node's last heartbeat was still on its
+        # way when member 0 stopped, the survivors see it only when the new leader
+        # commits it, and count node_timeout from then: node_timeout + the election
+        # (up to 2 x 600 ms here). etcd's own expiry adds another election timeout
+        # and its 0.5 s check; the log line below shows the survivors expired it.
+        assert took < node_timeout + 1.5, f"web started {took:.2f}s after the loss"
         survivors = [n for n in NODES if n != victim]
         for n in survivors:
             assert "FENCING" not in c.agent_log(n), c.agent_log(n)
